@@ -1,0 +1,1 @@
+"""Training stage: dataset folder -> fine-tuned backbone -> ONNX -> BentoML model store."""

@@ -1,0 +1,31 @@
+"""Save an exported ONNX model and its metadata into the BentoML model store.
+
+Torch-free on purpose: tests of the service register tiny real models through the same code path.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import bentoml
+
+MODEL_NAME = "room_classifier"
+ONNX_FILENAME = "model.onnx"
+REQUIRED_METADATA = ("labels", "preprocessing", "temperature", "architecture")
+
+
+def save_to_model_store(onnx_path: Path, metadata: dict[str, Any], name: str = MODEL_NAME) -> bentoml.Tag:
+    """Copy `onnx_path` into a new model-store version of `name` with `metadata`; return its tag.
+
+    The metadata must carry what the service needs to serve the file correctly: labels in output order,
+    the preprocessing dict, the softmax temperature and the architecture name.
+    """
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ValueError(f"model metadata lacks {missing}")
+    labels = {"task": "image-classification", "classes": "-".join(metadata["labels"])}
+    with bentoml.models.create(name, metadata=metadata, labels=labels) as model:
+        shutil.copyfile(onnx_path, Path(model.path) / ONNX_FILENAME)
+    return model.tag
