@@ -1,0 +1,103 @@
+"""Read the split folder that data_prep writes: `<root>/{train,val,test}/<class>/<image>`."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from inference.preprocess import Preprocessing, preprocess
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+
+    @property
+    def source(self) -> str:
+        """data_prep names files `<source>__<relative path>`; the prefix tells where a photo came from."""
+        return self.path.name.split("__", 1)[0] if "__" in self.path.name else "unknown"
+
+
+def discover_labels(root: Path) -> list[str]:
+    """Class names from the train split's folders, sorted: the model's output order."""
+    train = root / "train"
+    if not train.is_dir():
+        raise FileNotFoundError(f"{root} is not a dataset folder: {train} is missing (run data_prep first)")
+    labels = sorted(p.name for p in train.iterdir() if p.is_dir())
+    if len(labels) < 2:
+        raise ValueError(f"{train} holds {len(labels)} class folders; need at least 2")
+    return labels
+
+
+def list_samples(root: Path, split: str, labels: list[str], max_per_class: int | None = None) -> list[Sample]:
+    """Every image of `split`, in a stable order; at most `max_per_class` per class (the quick profile)."""
+    samples = []
+    for index, label in enumerate(labels):
+        files = sorted(p for p in (root / split / label).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        samples += [Sample(path, index) for path in files[:max_per_class]]
+    return samples
+
+
+def dataset_fingerprint(root: Path) -> str:
+    """sha256 of the manifest data_prep wrote (or of the file list when there is none): ties a model to its data."""
+    manifest = root / "manifest.csv"
+    digest = hashlib.sha256()
+    if manifest.is_file():
+        digest.update(manifest.read_bytes())
+    else:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                digest.update(str(path.relative_to(root)).encode())
+    return digest.hexdigest()
+
+
+def train_augmentation(config: Preprocessing) -> T.Compose:
+    """Augmentation for room photos: crops that keep most of the room, mirror (rooms are left/right
+    symmetric, never upside down), mild colour and lighting changes of real listings."""
+    return T.Compose([
+        T.RandomResizedCrop(config.image_size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.25, hue=0.02),
+        T.RandomGrayscale(p=0.05),
+        T.PILToTensor(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean=list(config.mean), std=list(config.std)),
+    ])
+
+
+def load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Samples as tensors: augmented views for training, or the service's own preprocessing (`augment=None`)."""
+
+    def __init__(self, samples: list[Sample], config: Preprocessing, augment: T.Compose | None = None) -> None:
+        self.samples, self.config, self.augment = samples, config, augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[index]
+        image = load_rgb(sample.path)
+        if self.augment is None:
+            return torch.from_numpy(preprocess(image, self.config)), sample.label
+        return self.augment(image), sample.label
+
+
+def class_weights(samples: list[Sample], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1: the loss counts every class equally whatever its size."""
+    counts = np.bincount([s.label for s in samples], minlength=num_classes).astype(np.float64)
+    weights = counts.sum() / (num_classes * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32)
