@@ -1,0 +1,125 @@
+"""Service configuration: every knob in one dataclass, read once from `RC_*` environment variables.
+
+The variable for a field is `RC_` + the field name in upper case (`max_batch_size` -> `RC_MAX_BATCH_SIZE`).
+Defaults suit a small CPU box (2 cores, a few GB of memory). Lists are comma-separated.
+A bad value stops the service at start-up with a message naming the variable.
+
+| variable | default | meaning |
+|---|---|---|
+| RC_MODEL_TAG | room_classifier:latest | model-store tag to serve |
+| RC_WORKERS | 1 | API worker processes (fetch, decode, preprocess); the model runs in one more process |
+| RC_ORT_THREADS | 2 | ONNX Runtime intra-op threads of the model process |
+| RC_DECODE_THREADS | 2 | images decoded + preprocessed at the same time per API worker |
+| RC_MAX_BATCH_SIZE | 16 | adaptive batching: largest batch sent to ONNX Runtime |
+| RC_MAX_LATENCY_MS | 1000 | adaptive batching: longest time a queued image may wait before 503 |
+| RC_MAX_CONCURRENCY | 32 | classify requests in flight per API worker; more get 429 + Retry-After |
+| RC_REQUEST_TIMEOUT_S | 30 | BentoML request timeout (504 after it) |
+| RC_RETRY_AFTER_S | 1 | Retry-After header value on 429/503 |
+| RC_UNCERTAIN_THRESHOLD | 0.5 | `uncertain` is true when the top probability is below this (per-request `threshold` overrides) |
+| RC_DEFAULT_TOP_K | 3 | length of `top_k` when the request does not say |
+| RC_MAX_IMAGES_PER_REQUEST | 16 | images in one classify_batch request |
+| RC_MAX_REQUEST_BYTES | 33554432 | whole request body (32 MiB); larger bodies get 413 before they are read |
+| RC_MAX_IMAGE_BYTES | 10485760 | one image, uploaded or downloaded (10 MiB) |
+| RC_MAX_PIXELS | 40000000 | width x height, checked from the image header before decoding |
+| RC_MAX_ASPECT_RATIO | 10 | longer/shorter side; beyond it the centre is cropped to this ratio |
+| RC_IMAGE_FORMATS | JPEG,PNG,WEBP,GIF | accepted formats (Pillow names), detected from content |
+| RC_URL_FETCH | true | accept `image_url(s)` at all (false: uploads only) |
+| RC_URL_ALLOWLIST | (empty) | hosts and CIDRs that may be private/loopback, e.g. `images.internal,10.0.0.0/8` |
+| RC_FETCH_CONNECT_TIMEOUT_S | 3 | connect timeout per hop |
+| RC_FETCH_READ_TIMEOUT_S | 5 | longest wait for the next bytes |
+| RC_FETCH_TOTAL_TIMEOUT_S | 10 | whole download, redirects included |
+| RC_FETCH_MAX_REDIRECTS | 3 | redirects followed, each hop vetted again |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+ENV_PREFIX = "RC_"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """All service settings; see the module docstring for the table of variables."""
+
+    model_tag: str = "room_classifier:latest"
+    workers: int = 1
+    ort_threads: int = 2
+    decode_threads: int = 2
+    max_batch_size: int = 16
+    max_latency_ms: int = 1000
+    max_concurrency: int = 32
+    request_timeout_s: float = 30.0
+    retry_after_s: int = 1
+    uncertain_threshold: float = 0.5
+    default_top_k: int = 3
+    max_images_per_request: int = 16
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_aspect_ratio: float = 10.0
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF")
+    url_fetch: bool = True
+    url_allowlist: tuple[str, ...] = ()
+    fetch_connect_timeout_s: float = 3.0
+    fetch_read_timeout_s: float = 5.0
+    fetch_total_timeout_s: float = 10.0
+    fetch_max_redirects: int = 3
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServiceConfig":
+        """Read `RC_*` variables (unset ones keep their default); raise ValueError naming a bad one."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            name = ENV_PREFIX + field.name.upper()
+            raw = environ.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                values[field.name] = _parse(raw.strip(), str(field.type))
+            except ValueError as exc:
+                raise ValueError(f"{name}={raw!r}: {exc}") from None
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work (zero threads, negative limits, thresholds outside [0, 1])."""
+        positive = ("workers", "ort_threads", "decode_threads", "max_batch_size", "max_latency_ms",
+                    "max_concurrency", "request_timeout_s", "default_top_k", "max_images_per_request",
+                    "max_request_bytes", "max_image_bytes", "max_pixels", "fetch_connect_timeout_s",
+                    "fetch_read_timeout_s", "fetch_total_timeout_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
+        if self.retry_after_s < 0 or self.fetch_max_redirects < 0:
+            raise ValueError("RC_RETRY_AFTER_S and RC_FETCH_MAX_REDIRECTS must be >= 0")
+        if not 0.0 <= self.uncertain_threshold <= 1.0:
+            raise ValueError(f"RC_UNCERTAIN_THRESHOLD must be in [0, 1], got {self.uncertain_threshold}")
+        if self.max_aspect_ratio < 1.0:
+            raise ValueError(f"RC_MAX_ASPECT_RATIO must be >= 1, got {self.max_aspect_ratio}")
+        if not self.image_formats:
+            raise ValueError("RC_IMAGE_FORMATS must name at least one format")
+
+
+def _parse(raw: str, type_name: str) -> Any:
+    """Convert an environment string to the field's type (the dataclass annotations are strings)."""
+    if type_name == "str":
+        return raw
+    if type_name == "int":
+        return int(raw.replace("_", ""))
+    if type_name == "float":
+        return float(raw)
+    if type_name == "bool":
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true/false")
+    if type_name == "tuple[str, ...]":
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    raise ValueError(f"unsupported setting type {type_name}")

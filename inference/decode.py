@@ -1,0 +1,195 @@
+"""Bytes -> RGB PIL image, hardened against hostile files. The one decoder of the project.
+
+`decode_image(data)` is what the service runs on every upload and download, and what training runs
+when it evaluates the exported model, so both see the same pixels. It:
+
+- refuses empty data and data over `max_bytes`;
+- detects the format from the content (never from a file name or Content-Type) and accepts only the
+  allow-listed formats (JPEG, PNG, WebP, GIF by default);
+- reads width x height from the header and refuses more than `max_pixels` *before* decoding
+  (decompression bombs);
+- decodes fully, so truncated or corrupt files fail here with `corrupt_image`, not later (this relies on
+  Pillow's default `ImageFile.LOAD_TRUNCATED_IMAGES = False`; code that flips it globally weakens this);
+- takes the first frame of animated images;
+- applies the EXIF orientation;
+- converts every mode to 8-bit RGB: alpha and palette transparency composited on white, CMYK via
+  Pillow's conversion, 16-bit and 32-bit grayscale scaled down (not clipped to white), 1-bit expanded;
+- centre-crops images more elongated than `max_aspect_ratio` (the model only sees the central square
+  anyway, and resizing the short side of a 1x10000 strip to 256 would allocate gigabytes).
+
+Every refusal is an `inference.errors.InputError` with a stable code.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from inference.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+
+# Signatures of image formats that Pillow may know but that are not on the allow-list, so the answer can
+# say "unsupported format" instead of "not an image".
+_OTHER_IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"qoif", "QOI"),
+)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What `decode_image` accepts. The service builds it from its RC_* settings."""
+
+    max_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    max_aspect_ratio: float = 10.0
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Decode untrusted image bytes to an 8-bit RGB image, or raise InputError (see module docstring)."""
+    check_byte_size(data, limits)
+    image = open_image(data, limits)
+    check_pixel_count(image, limits)
+    load_first_frame(image)
+    image = apply_exif_orientation(image)
+    image = to_rgb(image)
+    return limit_aspect_ratio(image, limits.max_aspect_ratio)
+
+
+def check_byte_size(data: bytes, limits: ImageLimits) -> None:
+    if not data:
+        raise InputError("empty_image", "the image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise InputError("image_too_large",
+                         f"the image is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Parse the header only, with Pillow restricted to the allowed formats."""
+    formats = tuple(name.upper() for name in limits.formats)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above its own bomb threshold; our pixel limit is checked right after.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=formats)
+    except Image.DecompressionBombError as exc:
+        raise InputError("image_too_many_pixels", f"the image has too many pixels: {exc}") from None
+    except UnidentifiedImageError:
+        raise unrecognised_image(data, formats) from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure on hostile bytes is the input's fault
+        raise InputError("corrupt_image", f"the image header cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def unrecognised_image(data: bytes, formats: tuple[str, ...]) -> InputError:
+    """Tell 'a format we do not take' from 'not an image at all' (and from a broken allowed file)."""
+    allowed = ", ".join(formats)
+    known = next((name for signature, name in _OTHER_IMAGE_SIGNATURES if data.startswith(signature)), None)
+    if known is None and data[8:12] == b"WEBP" and data.startswith(b"RIFF"):
+        known = "WEBP"
+    if known is None:
+        return InputError("not_an_image", f"the content is not an image in an accepted format ({allowed})")
+    if known in formats:
+        return InputError("corrupt_image", f"the {known} header is corrupt")
+    return InputError("unsupported_image_format", f"{known} images are not accepted; send one of: {allowed}")
+
+
+def check_pixel_count(image: Image.Image, limits: ImageLimits) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InputError("corrupt_image", f"the image has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise InputError("image_too_many_pixels",
+                         f"the image is {width}x{height} = {width * height} pixels; "
+                         f"the limit is {limits.max_pixels} pixels")
+
+
+def load_first_frame(image: Image.Image) -> None:
+    """Decode the first frame fully; truncated or broken data fails here."""
+    try:
+        image.load()  # an animated image is positioned on its first frame after open()
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ... on bad data
+        raise InputError("corrupt_image", f"the image data is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def apply_exif_orientation(image: Image.Image) -> Image.Image:
+    """Rotate/flip as the EXIF Orientation tag says. Broken EXIF is ignored, like browsers do."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as exc:  # noqa: BLE001
+        logger.debug("ignoring unreadable EXIF orientation: %s", exc)
+        return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, keeping what the picture looks like."""
+    try:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            image = high_bit_depth_to_l(image)
+        if image.mode == "P":
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        if image.mode in ("LA", "PA", "La", "RGBa"):
+            image = image.convert("RGBA")
+        if image.mode == "RGBA":
+            return composite_on_white(image)
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - exotic modes Pillow cannot convert
+        raise InputError("corrupt_image", f"the image's colour mode {image.mode} cannot be converted to RGB ({exc})") from None
+
+
+def high_bit_depth_to_l(image: Image.Image) -> Image.Image:
+    """16/32-bit grayscale -> 8-bit 'L' by scaling the value range (Pillow's convert would clip to white).
+
+    16-bit modes span 0..65535. 32-bit 'I'/'F' images (16-bit PNGs open as 'I') are read as 8-bit when
+    their values fit 0..255, as 16-bit when they fit 0..65535, else scaled by their maximum.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    peak = float(values.max(initial=0.0))
+    if image.mode.startswith("I;16") or 255.0 < peak <= 65535.0:
+        top = 65535.0
+    elif peak <= 255.0:
+        top = 255.0
+    else:
+        top = peak
+    scaled = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(scaled)  # 2-D uint8 -> mode "L"
+
+
+def composite_on_white(image: Image.Image) -> Image.Image:
+    """Transparent pixels become white, like a browser page would show them."""
+    background = Image.new("RGB", image.size, (255, 255, 255))
+    background.paste(image, mask=image.getchannel("A"))
+    return background
+
+
+def limit_aspect_ratio(image: Image.Image, max_ratio: float) -> Image.Image:
+    """Centre-crop the longer side to `max_ratio` x the shorter one; leave other images untouched."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if long <= short * max_ratio:
+        return image
+    keep = max(1, int(short * max_ratio))
+    if width > height:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))

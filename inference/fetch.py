@@ -1,0 +1,311 @@
+"""Download an image from a user-given URL without becoming an SSRF proxy.
+
+`fetch_url(url, policy)` returns the body bytes or raises `inference.errors.InputError`. Rules:
+
+- only `http` and `https`; no credentials in the URL; at most 2048 characters;
+- the host is resolved once and *every* address it resolves to must be public: private, loopback,
+  link-local, multicast, reserved, unspecified, shared (CGNAT) and other non-global ranges are refused,
+  for IPv4 and IPv6, including IPv4 addresses embedded in IPv6 (mapped, 6to4, NAT64) and the
+  decimal/octal/hex spellings of IPv4 (`2130706433`, `0177.0.0.1`, `0x7f000001`);
+- the connection goes to the address that was vetted (the TLS certificate and the Host header still
+  use the host name), so DNS cannot answer differently between check and use (no rebinding window);
+- redirects are followed by hand, at most `max_redirects`, and every hop is vetted like the first;
+- connect, per-read and total timeouts; the body is read in chunks and the download stops as soon as it
+  passes `max_bytes` (a declared Content-Length over the limit stops it before reading);
+- the response's Content-Type is ignored: the caller checks the bytes themselves (`decode_image`).
+
+`UrlPolicy.allowlist` holds trusted host names (exact match) and networks (CIDR) for private
+deployments; a trusted host or network skips the address check, nothing else. It is empty by default.
+`vet_url` takes a `resolver` argument so the address rules can be tested without DNS.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import re
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+from urllib.parse import urljoin, urlsplit
+
+from inference.errors import InputError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str, int], list[str]]
+
+MAX_URL_LENGTH = 2048
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+CHUNK_BYTES = 64 * 1024
+USER_AGENT = "room-classifier/0.1 (+image fetch)"
+_NUMERIC_HOST = re.compile(r"^[0-9a-fA-FxX.]+$")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_SHARED = ipaddress.ip_network("100.64.0.0/10")
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Where image URLs may point and how long/large a download may be."""
+
+    allow_hosts: frozenset[str] = frozenset()
+    allow_networks: tuple[IPNetwork, ...] = ()
+    connect_timeout_s: float = 3.0
+    read_timeout_s: float = 5.0
+    total_timeout_s: float = 10.0
+    max_redirects: int = 3
+    max_bytes: int = 10 * 1024 * 1024
+    schemes: tuple[str, ...] = field(default=("http", "https"))
+
+    @classmethod
+    def with_allowlist(cls, entries: Iterable[str], **settings: float | int) -> "UrlPolicy":
+        """Split allow-list entries into networks (anything `ip_network` parses) and host names."""
+        hosts: set[str] = set()
+        networks: list[IPNetwork] = []
+        for entry in (item.strip() for item in entries):
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            except ValueError:
+                hosts.add(normalise_host(entry))
+        return cls(allow_hosts=frozenset(hosts), allow_networks=tuple(networks), **settings)
+
+    def trusts(self, host: str, address: IPAddress) -> bool:
+        return host in self.allow_hosts or any(address in network for network in self.allow_networks)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A vetted URL: connect to `address`, but speak to `host` (SNI, certificate, Host header)."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    address: str
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """All addresses the system resolver gives for `host` (TCP)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def fetch_url(url: str, policy: UrlPolicy, resolver: Resolver = system_resolver) -> bytes:
+    """Vet and download `url` following at most `policy.max_redirects` vetted redirects."""
+    deadline = time.monotonic() + policy.total_timeout_s
+    for _ in range(policy.max_redirects + 1):
+        target = vet_url(url, policy, resolver)
+        location, body = request_once(target, policy, deadline)
+        if location is None:
+            return body
+        url = urljoin(target.url, location)
+    raise InputError("too_many_redirects", f"more than {policy.max_redirects} redirects")
+
+
+def vet_url(url: str, policy: UrlPolicy, resolver: Resolver = system_resolver) -> Target:
+    """Check the URL's form and every address its host resolves to; return where to connect."""
+    parts = split_url(url, policy)
+    host = normalise_host(parts.hostname or "")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    addresses = resolve(host, port, resolver)
+    for address in addresses:
+        reason = blocked_reason(address)
+        if reason is not None and not policy.trusts(host, address):
+            shown = host if host == str(address) else f"{host} ({address})"
+            raise InputError("url_host_not_allowed", f"{shown} is a {reason} address; only public hosts are fetched")
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return Target(url=url, scheme=parts.scheme, host=host, port=port, path=path, address=str(addresses[0]))
+
+
+def split_url(url: str, policy: UrlPolicy):  # -> urllib.parse.SplitResult
+    if not isinstance(url, str) or not url:
+        raise InputError("invalid_url", "the URL is empty")
+    if len(url) > MAX_URL_LENGTH:
+        raise InputError("invalid_url", f"the URL is longer than {MAX_URL_LENGTH} characters")
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 or ch == "\\" for ch in url):
+        raise InputError("invalid_url", "the URL contains whitespace, control characters or backslashes")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise InputError("invalid_url", f"the URL cannot be parsed: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in policy.schemes:
+        shown = f"'{scheme}'" if scheme else "no scheme"
+        raise InputError("url_scheme_not_allowed", f"{shown}: only {' and '.join(policy.schemes)} URLs are fetched")
+    if parts.username is not None or parts.password is not None:
+        raise InputError("invalid_url", "URLs with credentials (user@host) are not accepted")
+    if not parts.hostname:
+        raise InputError("invalid_url", "the URL has no host")
+    return parts._replace(scheme=scheme)
+
+
+def normalise_host(host: str) -> str:
+    """Lower-case, IDNA-encoded host name (IPv6 literals without brackets)."""
+    host = host.strip().strip("[]").lower()
+    if not host:
+        raise InputError("invalid_url", "the URL has no host")
+    if ":" in host:  # IPv6 literal: no IDNA
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise InputError("invalid_url", f"the host name {host!r} is not valid") from None
+
+
+def resolve(host: str, port: int, resolver: Resolver) -> list[IPAddress]:
+    """Literal IPs (any spelling) parse directly; names go through the resolver."""
+    literal = parse_ip_literal(host)
+    if literal is not None:
+        return [literal]
+    try:
+        found = resolver(host, port)
+    except (OSError, UnicodeError) as exc:
+        raise InputError("url_unresolvable", f"the host {host} cannot be resolved ({exc})") from None
+    addresses = []
+    for item in found:
+        try:
+            addresses.append(ipaddress.ip_address(item.split("%")[0]))
+        except ValueError:
+            raise InputError("url_unresolvable", f"the host {host} resolved to an invalid address {item!r}") from None
+    if not addresses:
+        raise InputError("url_unresolvable", f"the host {host} has no address")
+    return addresses
+
+
+def parse_ip_literal(host: str) -> IPAddress | None:
+    """`127.0.0.1`, `::1`, and the inet_aton spellings `2130706433`, `0177.0.0.1`, `0x7f.1`, ..."""
+    try:
+        return ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        pass
+    if _NUMERIC_HOST.match(host) and host[0].isdigit():
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host.rstrip(".")))
+        except OSError:
+            return None
+    return None
+
+
+def blocked_reason(address: IPAddress) -> str | None:
+    """Why an address must not be fetched from (None for public unicast addresses)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = embedded_ipv4(address)
+        if embedded is not None:
+            reason = blocked_reason(embedded)
+            if reason is not None:
+                return f"{reason} (IPv4 {embedded} inside IPv6)"
+    checks = (
+        ("unspecified", address.is_unspecified),
+        ("loopback", address.is_loopback),
+        ("link-local", address.is_link_local),
+        ("multicast", address.is_multicast),
+        ("shared (carrier-grade NAT)", isinstance(address, ipaddress.IPv4Address) and address in _SHARED),
+        ("private", address.is_private),
+        ("reserved", address.is_reserved),
+        ("site-local", isinstance(address, ipaddress.IPv6Address) and address.is_site_local),
+        ("non-public", not address.is_global),
+    )
+    return next((reason for reason, hit in checks if hit), None)
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address inside an IPv4-mapped, IPv4-compatible, 6to4 or NAT64 IPv6 address."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or (int(address) >> 32 == 0 and int(address) > 1):  # NAT64 or ::a.b.c.d
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """HTTP connection to a fixed, already vetted address; Host header from the URL's host."""
+
+    def __init__(self, target: Target, timeout: float) -> None:
+        super().__init__(target.host, target.port, timeout=timeout)
+        self._address = target.address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to a fixed, vetted address; the certificate is still checked against the URL's host."""
+
+    def __init__(self, target: Target, timeout: float) -> None:
+        super().__init__(target.host, target.port, timeout=timeout, context=ssl.create_default_context())
+        self._address = target.address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def request_once(target: Target, policy: UrlPolicy, deadline: float) -> tuple[str | None, bytes]:
+    """One GET. Returns (redirect location, b"") for a redirect, else (None, body)."""
+    connection_type = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
+    connection = connection_type(target, timeout=min(policy.connect_timeout_s, remaining(deadline)))
+    try:
+        connection.connect()
+        sock = connection.sock  # http.client may drop its reference once the response owns the socket
+        sock.settimeout(read_timeout(policy, deadline))
+        connection.request("GET", target.path, headers={
+            "User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"})
+        response = connection.getresponse()
+        if response.status in REDIRECT_STATUSES:
+            location = response.getheader("Location")
+            if not location:
+                raise InputError("fetch_failed", f"{target.host} answered {response.status} without a Location")
+            return location, b""
+        if response.status != 200:
+            raise InputError("fetch_failed", f"{target.host} answered HTTP {response.status} {response.reason}")
+        return None, read_limited(response, sock, policy, deadline)
+    except InputError:
+        raise
+    except (socket.timeout, TimeoutError):
+        raise InputError("fetch_timeout", f"{target.host} did not answer in time") from None
+    except ssl.SSLError as exc:
+        raise InputError("fetch_failed", f"TLS with {target.host} failed ({exc.reason or exc})") from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise InputError("fetch_failed", f"cannot download from {target.host} ({type(exc).__name__}: {exc})") from None
+    finally:
+        connection.close()
+
+
+def read_limited(response: http.client.HTTPResponse, sock: socket.socket, policy: UrlPolicy,
+                 deadline: float) -> bytes:
+    """Read the body in chunks; stop at `max_bytes` or at the deadline, whichever comes first."""
+    declared = response.getheader("Content-Length")
+    if declared and declared.isdigit() and int(declared) > policy.max_bytes:
+        raise InputError("image_too_large", f"the image is {declared} bytes; the limit is {policy.max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        sock.settimeout(read_timeout(policy, deadline))
+        chunk = response.read1(CHUNK_BYTES)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > policy.max_bytes:
+            raise InputError("image_too_large", f"the download passed the limit of {policy.max_bytes} bytes; stopped")
+        chunks.append(chunk)
+
+
+def remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise InputError("fetch_timeout", "the download took longer than the total time limit")
+    return left
+
+
+def read_timeout(policy: UrlPolicy, deadline: float) -> float:
+    return min(policy.read_timeout_s, remaining(deadline))

@@ -1,0 +1,148 @@
+"""The exported classifier: ONNX Runtime session + the metadata that says how to use it.
+
+`ModelInfo` is the model's own description (labels in output order, preprocessing, softmax temperature,
+architecture, and whatever training recorded: metrics, dataset fingerprint, ...). `OnnxClassifier`
+runs the ONNX file and returns logits for a float32 [N, 3, H, W] batch; `predict(images)` chains
+preprocessing, logits and postprocessing for decoded images.
+
+Build it from files (training's evaluation of the exported model):
+    OnnxClassifier.from_files("model.onnx", metadata).logits(batch)
+or from a BentoML model-store entry (the service):
+    OnnxClassifier.from_bento_model(bentoml.models.get("room_classifier:latest"))
+
+Loading checks the file against the contract (input `input`, output `logits`, one logit per label) and
+runs one warm-up batch, so a corrupt or mismatched model fails at load time with `ModelLoadError`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from inference.errors import ModelLoadError
+from inference.postprocess import Prediction, postprocess
+from inference.preprocess import Preprocessing, preprocess_batch
+
+if TYPE_CHECKING:
+    import bentoml
+
+ONNX_FILENAME = "model.onnx"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+SERVED_EXTRAS = ("metrics", "training", "dataset_fingerprint", "calibration", "exported_at")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the service needs to know about a model, read from its metadata."""
+
+    tag: str
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    temperature: float
+    architecture: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_metadata(cls, tag: str, metadata: Mapping[str, Any]) -> "ModelInfo":
+        """Validate the metadata the service relies on; raise ModelLoadError saying what is wrong."""
+        try:
+            labels = tuple(str(label) for label in metadata["labels"])
+            preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
+            temperature = float(metadata["temperature"])
+            architecture = str(metadata["architecture"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"model {tag}: metadata lacks or garbles {exc}") from None
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ModelLoadError(f"model {tag}: labels must be at least two distinct names, got {list(labels)}")
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ModelLoadError(f"model {tag}: temperature must be a positive number, got {temperature}")
+        extras = {key: metadata[key] for key in SERVED_EXTRAS if key in metadata}
+        return cls(tag=tag, labels=labels, preprocessing=preprocessing, temperature=temperature,
+                   architecture=architecture, extras=extras)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description (what /health shows and what the API service receives)."""
+        return {"tag": self.tag, "labels": list(self.labels), "preprocessing": self.preprocessing.to_dict(),
+                "temperature": self.temperature, "architecture": self.architecture, **self.extras}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelInfo":
+        return cls.from_metadata(str(data["tag"]), data)
+
+
+class OnnxClassifier:
+    """An ONNX Runtime session for the room classifier; `logits(batch)` is the whole inference."""
+
+    def __init__(self, session: ort.InferenceSession, info: ModelInfo) -> None:
+        self.session = session
+        self.info = info
+        check_signature(session, info)
+        warm_up(self)
+
+    @classmethod
+    def from_files(cls, onnx_path: str | Path, metadata: Mapping[str, Any], tag: str = "local",
+                   intra_op_threads: int | None = None) -> "OnnxClassifier":
+        info = ModelInfo.from_metadata(tag, metadata)
+        return cls(create_session(Path(onnx_path), intra_op_threads, tag), info)
+
+    @classmethod
+    def from_bento_model(cls, model: "bentoml.Model", intra_op_threads: int | None = None) -> "OnnxClassifier":
+        path = Path(model.path) / ONNX_FILENAME
+        return cls.from_files(path, model.info.metadata, tag=str(model.tag), intra_op_threads=intra_op_threads)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [N, 3, S, S] -> float32 [N, num_labels]."""
+        if batch.shape[0] == 0:
+            return np.zeros((0, len(self.info.labels)), dtype=np.float32)
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def predict(self, images: Sequence[Image.Image], top_k: int = 3, threshold: float = 0.5) -> list[Prediction]:
+        """Decoded RGB images -> predictions, the same steps the service runs (offline reference)."""
+        batch = preprocess_batch(images, self.info.preprocessing)
+        return postprocess(self.logits(batch), self.info.labels, self.info.temperature, top_k, threshold)
+
+
+def create_session(path: Path, intra_op_threads: int | None, tag: str) -> ort.InferenceSession:
+    """CPU session with a fixed thread count (ORT's default, one thread per core, fights the decoders)."""
+    if not path.is_file():
+        raise ModelLoadError(f"model {tag}: {path} does not exist")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own types for unreadable/invalid graphs
+        raise ModelLoadError(f"model {tag}: ONNX Runtime cannot load {path.name} ({type(exc).__name__}: {exc})") from None
+
+
+def check_signature(session: ort.InferenceSession, info: ModelInfo) -> None:
+    inputs = {node.name: node for node in session.get_inputs()}
+    outputs = {node.name: node for node in session.get_outputs()}
+    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+        raise ModelLoadError(f"model {info.tag}: expected input '{INPUT_NAME}' and output '{OUTPUT_NAME}', "
+                             f"found inputs {list(inputs)} and outputs {list(outputs)}")
+    if len(inputs[INPUT_NAME].shape) != 4:
+        raise ModelLoadError(f"model {info.tag}: input must be [N, 3, H, W], got {inputs[INPUT_NAME].shape}")
+
+
+def warm_up(classifier: OnnxClassifier) -> None:
+    """Run one batch of 2: fails on a broken graph and checks one logit per label."""
+    size = classifier.info.preprocessing.image_size
+    try:
+        logits = classifier.logits(np.zeros((2, 3, size, size), dtype=np.float32))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"model {classifier.info.tag}: a test batch fails ({type(exc).__name__}: {exc})") from None
+    expected = (2, len(classifier.info.labels))
+    if logits.shape != expected:
+        raise ModelLoadError(f"model {classifier.info.tag}: output shape {list(logits.shape)} does not fit "
+                             f"{len(classifier.info.labels)} labels (expected {list(expected)})")

@@ -1,0 +1,99 @@
+"""A tiny but real ONNX room classifier for tests, and its registration in the BentoML model store.
+
+The graph is GlobalAveragePool -> Flatten -> Gemm: four logits from the mean colour of the image, with
+fixed weights chosen so that plain colours land on different classes after ImageNet normalisation:
+red -> bedroom, green -> kitchen, blue -> bathroom, black -> living_room. It follows the serving
+contract (input `input` float32 [N,3,224,224] with dynamic N, output `logits` [N,4], opset 17).
+
+`register_tiny_model()` saves it into whatever BENTOML_HOME the current process uses, through the same
+`training.register.save_to_model_store` that real training uses. From a shell:
+
+    BENTOML_HOME=/tmp/bm python -m tests.tiny_model          # prints the tag
+    BENTOML_HOME=/tmp/bm python -m tests.tiny_model --json   # tag, model directory and metadata
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from inference.preprocess import Preprocessing
+
+TINY_LABELS = ["bathroom", "bedroom", "kitchen", "living_room"]
+TINY_TEMPERATURE = 1.5
+IMAGE_SIZE = 224
+# rows: one per label, columns: mean of the normalised R, G, B channels
+TINY_WEIGHTS = np.array([[-1.0, -1.0, 2.0],   # bathroom: blue
+                         [2.0, -1.0, -1.0],   # bedroom: red
+                         [-1.0, 2.0, -1.0],   # kitchen: green
+                         [-1.0, -1.0, -1.0]],  # living_room: dark
+                        dtype=np.float32)
+TINY_BIAS = np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32)
+
+
+def build_tiny_onnx(path: Path) -> Path:
+    """Write the tiny classifier to `path` and return it."""
+    graph = helper.make_graph(
+        nodes=[
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
+            helper.make_node("Gemm", ["features", "weight", "bias"], ["logits"], transB=1),
+        ],
+        name="tiny_room_classifier",
+        inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, IMAGE_SIZE, IMAGE_SIZE])],
+        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(TINY_LABELS)])],
+        initializer=[numpy_helper.from_array(TINY_WEIGHTS, "weight"), numpy_helper.from_array(TINY_BIAS, "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests.tiny_model")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def tiny_metadata() -> dict[str, Any]:
+    """Metadata shaped like real training's, so the service reads it the same way."""
+    return {
+        "labels": list(TINY_LABELS),
+        "preprocessing": Preprocessing(image_size=IMAGE_SIZE).to_dict(),
+        "temperature": TINY_TEMPERATURE,
+        "architecture": "tiny_gap_gemm",
+        "metrics": {"note": "untrained test model: fixed weights, mean colour only"},
+        "dataset_fingerprint": "none",
+    }
+
+
+def register_tiny_model():  # -> bentoml.Tag
+    """Save the tiny model as `room_classifier` in the current BentoML home; return its tag."""
+    from training.register import save_to_model_store  # imports bentoml: keep it out of module import
+
+    with tempfile.TemporaryDirectory() as workdir:
+        onnx_path = build_tiny_onnx(Path(workdir) / "model.onnx")
+        return save_to_model_store(onnx_path, tiny_metadata())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print tag, model directory and metadata as JSON")
+    args = parser.parse_args()
+    tag = register_tiny_model()
+    if not args.json:
+        print(tag)
+        return
+    import bentoml
+
+    model = bentoml.models.get(tag)
+    print(json.dumps({"tag": str(tag), "path": str(model.path), "metadata": model.info.metadata}))
+
+
+if __name__ == "__main__":
+    main()
