@@ -1,0 +1,61 @@
+"""Names and settings shared by every data_prep stage."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Alphabetical, the order torchvision's ImageFolder gives class indices in.
+CLASSES: tuple[str, ...] = ("bathroom", "bedroom", "kitchen", "living_room")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLIT_RATIO: tuple[float, float, float] = (0.7, 0.2, 0.1)
+SUNRGBD_SOURCE = "sunrgbd"
+
+# What torchvision's ImageFolder loads; other files in an extra tree are listed as dropped.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# Reasons an image is dropped, in the order the checks run.
+REASONS: tuple[str, ...] = (
+    "no_image",               # a SUN RGB-D scene whose image/ folder is empty or missing
+    "unsupported_extension",  # an extra-tree file ImageFolder would not load
+    "not_image",              # the file is not an image at all (e.g. HTML saved as .jpg)
+    "corrupt",                # the image does not decode completely (e.g. truncated JPEG)
+    "dark",                   # mean brightness below --dark-threshold: a nearly black frame
+    "blank",                  # almost no contrast: a uniform frame that shows no room
+    "label_conflict",         # the same photo appears under two different classes: no copy is trusted
+    "duplicate",              # the same photo again in the same class: one copy is kept
+)
+
+
+class DataPrepError(Exception):
+    """Bad input or output location: the CLI prints the message on one line and exits non-zero."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Knobs of the cleaning and splitting steps (all of them end up in summary.json).
+
+    dark_threshold: an image whose mean grey level (0 = black, 1 = white) is below this is `dark`.
+        0.06 sits between the planted black frames of the replica (<= 0.045) and the darkest real photos
+        (>= 0.078).
+    blank_threshold: an image whose grey-level standard deviation (0..1) is below this is `blank`.
+    hash_size: perceptual hash side; the hash has hash_size**2 bits.
+    max_distance: two images whose hashes differ in at most this many bits are the same photo. With the
+        64-bit hash, pairs up to 6 bits apart were all visually identical on the shared data, while pairs
+        at 10 bits were different photos.
+    seed: split-folders' shuffle seed.
+    workers: processes that decode and hash images.
+    """
+
+    dark_threshold: float = 0.06
+    blank_threshold: float = 0.01
+    hash_size: int = 8
+    max_distance: int = 6
+    seed: int = 1337
+    workers: int = 2
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that change the output (not `workers`), for the report."""
+        settings = asdict(self)
+        settings.pop("workers")
+        return {**settings, "split_ratio": list(SPLIT_RATIO)}
