@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from inference.postprocess import softmax
+
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows are true classes, columns predicted classes."""
@@ -48,13 +50,6 @@ def classification_report(targets: np.ndarray, predictions: np.ndarray, labels: 
     for name, average in (("macro", np.full(len(labels), 1 / len(labels))), ("weighted", weights)):
         report[name] = {key: float((scores[key] * average).sum()) for key in ("precision", "recall", "f1")}
     return report
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    scaled = logits / temperature
-    scaled = scaled - scaled.max(axis=1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def negative_log_likelihood(logits: np.ndarray, targets: np.ndarray, temperature: float) -> float:

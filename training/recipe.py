@@ -37,8 +37,8 @@ class Recipe:
     warmup_epochs: int = 4
     epochs: int = 12
     batch_size: int = 64
-    lr_head: float = 3e-3
-    lr_tail: float = 1e-3
+    lr_head: float = 3e-3  # warm-up of the new classifier
+    lr_tail: float = 3e-4  # fine-tune: pretrained blocks (the classifier gets 3x this)
     weight_decay: float = 0.02
     label_smoothing: float = 0.1
     patience: int = 4
@@ -54,7 +54,7 @@ class Recipe:
 
 PROFILES: dict[str, Recipe] = {
     "default": Recipe(),
-    "quick": Recipe(views=2, warmup_epochs=2, epochs=3, max_per_class=40, patience=3),
+    "quick": Recipe(views=2, warmup_epochs=3, epochs=8, max_per_class=60, patience=4),
 }
 
 
@@ -195,8 +195,11 @@ def train(data_root: Path, labels: list[str], recipe: Recipe, out_dir: Path, res
 
     # Stage 2: fine-tune the whole tail.
     set_trainable(model.tail, True)
-    optimizer = torch.optim.AdamW(model.tail.parameters(), lr=recipe.lr_tail, weight_decay=recipe.weight_decay)
-    scheduler = warmup_then_cosine(optimizer, recipe.epochs * steps_per_epoch, steps_per_epoch // 2)
+    body = [p for name, p in model.tail.named_parameters() if not name.startswith(f"{len(model.tail) - 1}.")]
+    optimizer = torch.optim.AdamW([{"params": body, "lr": recipe.lr_tail},
+                                   {"params": head.parameters(), "lr": recipe.lr_tail * 3}],
+                                  weight_decay=recipe.weight_decay)
+    scheduler = warmup_then_cosine(optimizer, recipe.epochs * steps_per_epoch, max(steps_per_epoch, 5))
     best_f1, best_tail, start_epoch, stale = -1.0, copy.deepcopy(model.tail.state_dict()), 0, 0
     if state is not None:
         model.tail.load_state_dict(state["tail"])

@@ -1,0 +1,63 @@
+"""`python -m training <step>`: train, export, evaluate, register, run (all four), compare."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from training.backbones import BACKBONES, WeightsUnavailable, seed_hub_cache
+from training.recipe import PROFILES, recipe_from_args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    parser.add_argument("step", choices=["train", "export", "evaluate", "register", "run", "compare"])
+    parser.add_argument("--data", type=Path, required=True, help="dataset folder written by data_prep")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="where this run's files go")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    parser.add_argument("--arch", choices=sorted(BACKBONES), help="backbone (default: the profile's)")
+    parser.add_argument("--archs", nargs="+", default=["mobilenet_v3_small", "mobilenet_v2", "mobilenet_v3_large"],
+                        help="backbones for `compare`")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--views", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--max-per-class", type=int)
+    parser.add_argument("--weights-dir", type=Path, help="folder of torchvision *.pth files to seed the hub cache with")
+    parser.add_argument("--random-init", action="store_true", help="train from random weights (explicitly no ImageNet)")
+    parser.add_argument("--int8", action="store_true", help="also quantize to INT8 and serve it if faster and as accurate")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    parser.add_argument("--no-register", action="store_true", help="`run` without saving into the model store")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from training import compare, pipeline  # after argument parsing: `--help` stays fast
+
+    if args.weights_dir is not None and args.weights_dir.is_dir():
+        seed_hub_cache(args.weights_dir)
+    recipe = recipe_from_args(args.profile, arch=args.arch, epochs=args.epochs, views=args.views, seed=args.seed,
+                              max_per_class=args.max_per_class, pretrained=False if args.random_init else None)
+    try:
+        if args.step == "train":
+            pipeline.train_step(args.data, args.run_dir, recipe, resume=args.resume)
+        elif args.step == "export":
+            pipeline.export_step(args.data, args.run_dir)
+        elif args.step == "evaluate":
+            pipeline.evaluate_step(args.data, args.run_dir, int8=args.int8)
+        elif args.step == "register":
+            pipeline.register_step(args.run_dir)
+        elif args.step == "run":
+            pipeline.run_all(args.data, args.run_dir, recipe, int8=args.int8, register=not args.no_register,
+                             resume=args.resume)
+        else:
+            compare.compare(args.data, args.run_dir, args.archs, recipe)
+    except (WeightsUnavailable, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
