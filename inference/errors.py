@@ -1,6 +1,7 @@
-"""The one exception type for bad input, and its HTTP mapping.
+"""Error types with stable machine-readable codes, and their HTTP mapping.
 
-Decoding and URL fetching raise `InputError(code, message)`. `code` is stable and machine-readable
+Decoding and URL fetching raise `InputError(code, message)` (a `ServiceError`; the service raises other
+`ServiceError`s for overload and an unavailable model). `code` is stable and machine-readable
 (clients branch on it), `message` is for humans. The service turns it into a 4xx answer with the body
 `{"error": {"code": ..., "message": ...}}`; `http_status(code)` says which 4xx.
 """
@@ -47,8 +48,8 @@ ERROR_STATUS: dict[str, int] = {
 }
 
 
-class InputError(Exception):
-    """A request input the service refuses, with a stable `code` and a human `message`."""
+class ServiceError(Exception):
+    """An answer other than a result: a stable `code` (see ERROR_STATUS) and a human `message`."""
 
     def __init__(self, code: str, message: str) -> None:
         if code not in ERROR_STATUS:
@@ -65,7 +66,11 @@ class InputError(Exception):
         return {"code": self.code, "message": self.message}
 
     def __repr__(self) -> str:
-        return f"InputError(code={self.code!r}, message={self.message!r})"
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
+
+
+class InputError(ServiceError):
+    """A request input the service refuses (bad URL, bad image, bad request shape): always a 4xx."""
 
 
 class ModelLoadError(Exception):

@@ -1,0 +1,244 @@
+"""ASGI middlewares that keep the HTTP surface predictable under hostile input and overload.
+
+Added to the BentoML service with `add_asgi_middleware`, outermost first:
+
+1. `ErrorEnvelopeMiddleware` rewrites every error answer that is not already in our shape - BentoML's
+   validation errors, Starlette's 404/405, anything unexpected - into
+   `{"error": {"code", "message"[, "detail"]}}`, and adds `Retry-After` to 429/503.
+2. `LoadSheddingMiddleware` caps classify requests in flight; the next one gets 429 + Retry-After at
+   once instead of queueing (BentoML's own `max_concurrency` answers 429 without Retry-After, in
+   another shape, so the limit lives here).
+3. `RequestGuardMiddleware` reads the request body before BentoML does: bodies over the byte limit get
+   413 (from Content-Length when declared, else while streaming), and form bodies must send file
+   fields as real file parts. That last check closes a hole: given a *text* value for a file field,
+   BentoML's form parser downloads it as a URL itself, outside our URL vetting, limits and timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+from typing import Any, Awaitable, Callable, Iterable, MutableMapping
+
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+
+from inference.errors import error_body
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
+MAX_FILENAME_BYTES = 200  # BentoML keeps the upload's name as a temp-file suffix; NAME_MAX is 255
+STATUS_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
+                415: "unsupported_media_type", 422: "invalid_request", 429: "overloaded",
+                503: "model_unavailable", 504: "timeout"}
+
+
+async def send_error(send: Send, status: int, code: str, message: str, retry_after_s: int | None = None) -> None:
+    """Answer with our JSON error body."""
+    body = json.dumps(error_body(code, message)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after_s is not None:
+        headers.append((b"retry-after", str(retry_after_s).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ErrorEnvelopeMiddleware:
+    """Every 4xx/5xx answer outside the system paths leaves in the `{"error": {code, message}}` shape."""
+
+    def __init__(self, app: ASGIApp, retry_after_s: int = 1) -> None:
+        self.app = app
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in SYSTEM_PATHS:
+            return await self.app(scope, receive, send)
+        held_start: Message | None = None
+        held_body: list[bytes] = []
+
+        async def envelope_send(message: Message) -> None:
+            nonlocal held_start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                held_start = message
+                return
+            if held_start is None:
+                return await send(message)
+            held_body.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                await self.send_enveloped(send, held_start, b"".join(held_body))
+
+        await self.app(scope, receive, envelope_send)
+
+    async def send_enveloped(self, send: Send, start: Message, body: bytes) -> None:
+        status = start["status"]
+        payload = enveloped(status, body)
+        if status >= 500 and payload["error"]["code"] == "internal_error":
+            logger.error("answering %s: %s", status, body[:500])
+        new_body = json.dumps(payload).encode()
+        headers = [(name, value) for name, value in start.get("headers", [])
+                   if name.lower() not in (b"content-length", b"content-type")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(new_body)).encode())]
+        if status in (429, 503) and not any(name.lower() == b"retry-after" for name, _ in headers):
+            headers.append((b"retry-after", str(self.retry_after_s).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": new_body})
+
+
+def enveloped(status: int, body: bytes) -> dict[str, Any]:
+    """Our error body for any error body: kept if already ours, else built from BentoML's/Starlette's."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict) and "code" in data["error"]:
+        return data
+    if isinstance(data, list) and len(data) == 1:  # BentoML answers 4xx exceptions as [{"error": ...}]
+        data = data[0]
+    code = STATUS_CODES.get(status, "internal_error" if status >= 500 else "invalid_request")
+    detail = data.get("detail") if isinstance(data, dict) else None
+    if isinstance(detail, list) and detail:
+        message = "invalid request: " + "; ".join(describe_validation_error(item) for item in detail)
+        return error_body(code, message, detail=detail)
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return error_body(code, data["error"])
+    text = body.decode("utf-8", "replace").strip()[:300]
+    return error_body(code, text or HTTPStatus(status).phrase)
+
+
+def describe_validation_error(item: Any) -> str:
+    """One pydantic error -> 'top_k: Input should be greater than or equal to 1'."""
+    if not isinstance(item, dict):
+        return str(item)
+    location = ".".join(str(part) for part in item.get("loc", ()) if part not in ("body", "root"))
+    return f"{location}: {item.get('msg', 'invalid')}" if location else str(item.get("msg", "invalid"))
+
+
+class LoadSheddingMiddleware:
+    """At most `max_concurrency` requests to `paths` at once; the rest get 429 + Retry-After immediately."""
+
+    def __init__(self, app: ASGIApp, max_concurrency: int, paths: Iterable[str], retry_after_s: int = 1) -> None:
+        self.app = app
+        self.max_concurrency = max_concurrency
+        self.paths = frozenset(paths)
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_concurrency:
+            return await send_error(send, 429, "overloaded",
+                                    f"the server is at its limit of {self.max_concurrency} requests in flight; "
+                                    f"retry after {self.retry_after_s} s", retry_after_s=self.retry_after_s)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+class RequestGuardMiddleware:
+    """Bounded request bodies, and form bodies whose file fields carry files (see module docstring)."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, file_fields: Iterable[str], max_parts: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.file_fields = frozenset(file_fields)
+        self.max_parts = max_parts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await self.too_large(send)
+        body = await read_body(receive, self.max_body_bytes)
+        if body is None:
+            return await self.too_large(send)
+        problem = await self.form_problem(headers, body)
+        if problem is not None:
+            return await send_error(send, 400, "invalid_upload", problem)
+        await self.app(scope, replay(body, receive), send)
+
+    async def too_large(self, send: Send) -> None:
+        await send_error(send, 413, "request_too_large",
+                         f"the request body is larger than {self.max_body_bytes} bytes")
+
+    async def form_problem(self, headers: Headers, body: bytes) -> str | None:
+        """Parse a form body with Starlette's parser (the one BentoML uses) and check its file fields."""
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            return None
+        if media_type == "multipart/form-data":
+            parser: MultiPartParser | FormParser = MultiPartParser(
+                headers, single_chunk(body), max_files=self.max_parts, max_fields=self.max_parts)
+        else:
+            parser = FormParser(headers, single_chunk(body), max_fields=self.max_parts)
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            return f"malformed form body: {exc.message}"
+        except Exception as exc:  # noqa: BLE001 - any parser failure on hostile bytes is the body's fault
+            return f"malformed form body ({type(exc).__name__})"
+        try:
+            return file_field_problem(form.multi_items(), self.file_fields)
+        finally:
+            await form.close()
+
+
+def file_field_problem(items: list[tuple[str, str | UploadFile]], file_fields: frozenset[str]) -> str | None:
+    for name, value in items:
+        if name not in file_fields:
+            continue
+        if not isinstance(value, UploadFile):
+            return (f"'{name}' must be a file part (multipart with a filename); "
+                    "send image URLs in 'image_url' or 'image_urls'")
+        if len((value.filename or "").encode("utf-8")) > MAX_FILENAME_BYTES:
+            return f"the file name of '{name}' is longer than {MAX_FILENAME_BYTES} bytes"
+        if "\x00" in (value.filename or ""):
+            return f"the file name of '{name}' contains a NUL character"
+    return None
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it passes `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A receive() that hands the already-read body over once, then defers to the real one."""
+    sent = False
+
+    async def replay_receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay_receive
+
+
+async def single_chunk(body: bytes):  # -> AsyncGenerator[bytes, None]
+    yield body

@@ -1,0 +1,161 @@
+"""URL vetting (unit, with an injected resolver: no DNS, no traffic) and fetching from a loopback host."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+
+import pytest
+
+from inference.errors import InputError
+from inference.fetch import UrlPolicy, blocked_reason, fetch_url, parse_ip_literal, vet_url
+from tests.conftest import ImageHost
+
+PUBLIC = "93.184.216.34"
+
+
+def resolver_for(table: dict[str, list[str]]):
+    """A resolver that answers from `table` and fails like DNS for anything else."""
+    def resolve(host: str, port: int) -> list[str]:
+        if host not in table:
+            raise OSError(-2, "Name or service not known")
+        return table[host]
+    return resolve
+
+
+def code_of(url: str, policy: UrlPolicy = UrlPolicy(), table: dict[str, list[str]] | None = None) -> str:
+    with pytest.raises(InputError) as caught:
+        vet_url(url, policy, resolver_for(table or {}))
+    return caught.value.code
+
+
+# ---- the address rules -------------------------------------------------------------------------------
+
+
+def test_public_host_is_allowed_and_pinned_to_its_vetted_address() -> None:
+    target = vet_url("https://images.example.com/a/b.jpg?x=1", UrlPolicy(),
+                     resolver_for({"images.example.com": [PUBLIC]}))
+    assert (target.host, target.port, target.path, target.address) == ("images.example.com", 443,
+                                                                        "/a/b.jpg?x=1", PUBLIC)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/x.jpg", "http://127.1/x.jpg", "http://2130706433/x.jpg", "http://0x7f000001/x.jpg",
+    "http://0177.0.0.1/x.jpg", "http://0x7f.0.0.1/x.jpg", "http://[::1]/x.jpg", "http://[::ffff:127.0.0.1]/x.jpg",
+    "http://[::ffff:7f00:1]/x.jpg", "http://169.254.169.254/latest/meta-data/", "http://10.0.0.8/x.jpg",
+    "http://172.16.5.4/x.jpg", "http://192.168.1.1/x.jpg", "http://100.64.0.1/x.jpg", "http://0.0.0.0/x.jpg",
+    "http://0/x.jpg", "http://224.0.0.1/x.jpg", "http://255.255.255.255/x.jpg", "http://240.0.0.1/x.jpg",
+    "http://[fe80::1]/x.jpg", "http://[fc00::1]/x.jpg", "http://[ff02::1]/x.jpg", "http://[::]/x.jpg",
+    "http://[2002:7f00:1::]/x.jpg", "http://[64:ff9b::a00:1]/x.jpg", "http://[fec0::1]/x.jpg",
+    "http://127.0.0.1:3000/x.jpg", "http://[::ffff:169.254.169.254]/",
+])
+def test_non_public_addresses_are_refused_in_every_spelling(url: str) -> None:
+    assert code_of(url) == "url_host_not_allowed"
+
+
+@pytest.mark.parametrize("host, addresses", [
+    ("localhost", ["127.0.0.1", "::1"]),
+    ("metadata.google.internal", ["169.254.169.254"]),
+    ("rebind.example", [PUBLIC, "10.1.2.3"]),  # one bad address is enough
+    ("mapped.example", ["::ffff:10.0.0.1"]),
+])
+def test_names_resolving_to_non_public_addresses_are_refused(host: str, addresses: list[str]) -> None:
+    assert code_of(f"http://{host}/x.jpg", table={host: addresses}) == "url_host_not_allowed"
+
+
+@pytest.mark.parametrize("url, code", [
+    ("file:///etc/passwd", "url_scheme_not_allowed"), ("gopher://example.com/", "url_scheme_not_allowed"),
+    ("ftp://example.com/x.jpg", "url_scheme_not_allowed"), ("dict://example.com:11211/", "url_scheme_not_allowed"),
+    ("javascript:alert(1)", "url_scheme_not_allowed"), ("//example.com/x.jpg", "url_scheme_not_allowed"),
+    ("example.com/x.jpg", "url_scheme_not_allowed"), ("", "invalid_url"),
+    ("http://user:pw@example.com/x.jpg", "invalid_url"), ("http://example.com@127.0.0.1/x.jpg", "invalid_url"),
+    ("http:///x.jpg", "invalid_url"), ("http://exa mple.com/", "invalid_url"), ("http://a.com/\r\nHost: b", "invalid_url"),
+    ("http://example.com:99999/", "invalid_url"), ("http://example.com:port/", "invalid_url"),
+    ("http://example.com\\@127.0.0.1/", "invalid_url"), ("http://" + "a" * 3000 + ".com/", "invalid_url"),
+    ("http://no-such-host.example/x.jpg", "url_unresolvable"),
+])
+def test_malformed_and_foreign_urls(url: str, code: str) -> None:
+    assert code_of(url, table={"example.com": [PUBLIC]}) == code
+
+
+def test_allow_list_trusts_named_hosts_and_networks_only() -> None:
+    policy = UrlPolicy.with_allowlist(["images.internal", "10.20.0.0/16", " "])
+    table = {"images.internal": ["10.9.9.9"], "other.internal": ["10.9.9.9"], "cam.internal": ["10.20.3.4"]}
+    assert vet_url("http://images.internal/x.jpg", policy, resolver_for(table)).address == "10.9.9.9"
+    assert vet_url("http://cam.internal/x.jpg", policy, resolver_for(table)).address == "10.20.3.4"
+    assert vet_url("http://10.20.0.1/x.jpg", policy, resolver_for(table)).address == "10.20.0.1"
+    assert code_of("http://other.internal/x.jpg", policy, table) == "url_host_not_allowed"
+    assert code_of("http://10.21.0.1/x.jpg", policy, table) == "url_host_not_allowed"
+    assert code_of("file://images.internal/x.jpg", policy, table) == "url_scheme_not_allowed"
+
+
+def test_default_policy_trusts_nothing() -> None:
+    assert UrlPolicy().allow_hosts == frozenset() and UrlPolicy().allow_networks == ()
+    assert code_of("http://localhost/x.jpg", table={"localhost": ["127.0.0.1"]}) == "url_host_not_allowed"
+
+
+@pytest.mark.parametrize("spelling, expected", [("2130706433", "127.0.0.1"), ("0x7f000001", "127.0.0.1"),
+                                                ("0177.0.0.1", "127.0.0.1"), ("127.1", "127.0.0.1"),
+                                                ("10.1", "10.0.0.1"), ("::1", "::1"), ("cafe.example", None),
+                                                ("1e100.net", None)])
+def test_ip_literal_spellings(spelling: str, expected: str | None) -> None:
+    parsed = parse_ip_literal(spelling)
+    assert (str(parsed) if parsed else None) == expected
+
+
+def test_public_addresses_have_no_blocked_reason() -> None:
+    for address in (PUBLIC, "8.8.8.8", "2606:4700:4700::1111", "2002:5db8:d822::1"):
+        assert blocked_reason(ipaddress.ip_address(address)) is None, address
+
+
+# ---- real downloads from the loopback image host (allowed by name only) ------------------------------
+
+LOCAL = UrlPolicy.with_allowlist(["localhost"], connect_timeout_s=1.0, read_timeout_s=0.5, total_timeout_s=1.5,
+                                 max_redirects=3, max_bytes=1 << 20)
+
+
+def fetch_code(url: str, policy: UrlPolicy = LOCAL) -> str:
+    with pytest.raises(InputError) as caught:
+        fetch_url(url, policy)
+    return caught.value.code
+
+
+def test_fetch_returns_the_body_whatever_the_content_type(image_host: ImageHost) -> None:
+    assert fetch_url(image_host.url("/img/red.jpg"), LOCAL) == image_host.files["red.jpg"]
+
+
+def test_allow_listed_name_does_not_open_other_spellings_of_the_address(image_host: ImageHost) -> None:
+    assert fetch_code(image_host.url("/img/red.jpg", host="127.0.0.1")) == "url_host_not_allowed"
+    assert fetch_code(image_host.url("/img/red.jpg", host="[::ffff:127.0.0.1]")) == "url_host_not_allowed"
+
+
+def test_redirects_are_followed_and_every_hop_is_vetted(image_host: ImageHost) -> None:
+    assert fetch_url(image_host.url("/hops/2"), LOCAL) == image_host.files["red.jpg"]
+    assert fetch_code(image_host.url("/hops/5")) == "too_many_redirects"
+    to_private = image_host.url("/redirect?to=" + image_host.url("/img/red.jpg", host="127.0.0.1"))
+    before = image_host.hits.get("/img/red.jpg", 0)
+    assert fetch_code(to_private) == "url_host_not_allowed"
+    assert image_host.hits.get("/img/red.jpg", 0) == before  # the private hop was never requested
+    assert fetch_code(image_host.url("/redirect?to=file:///etc/passwd")) == "url_scheme_not_allowed"
+    assert fetch_code(image_host.url("/redirect?to=http://169.254.169.254/")) == "url_host_not_allowed"
+
+
+def test_timeouts(image_host: ImageHost) -> None:
+    for path in ("/slow", "/stall"):
+        started = time.monotonic()
+        assert fetch_code(image_host.url(path)) == "fetch_timeout"
+        assert time.monotonic() - started < LOCAL.total_timeout_s + 1.0
+
+
+def test_size_limit_is_enforced_while_streaming(image_host: ImageHost) -> None:
+    started = time.monotonic()
+    assert fetch_code(image_host.url("/endless")) == "image_too_large"
+    assert fetch_code(image_host.url("/huge-declared")) == "image_too_large"
+    assert time.monotonic() - started < 2.0
+
+
+def test_http_errors_and_refused_connections(image_host: ImageHost) -> None:
+    assert fetch_code(image_host.url("/status/404")) == "fetch_failed"
+    assert fetch_code(image_host.url("/status/500")) == "fetch_failed"
+    assert fetch_code("http://localhost:1/x.jpg") == "fetch_failed"
+    assert fetch_code(image_host.url("/img/red.jpg").replace("http://", "https://")) == "fetch_failed"
