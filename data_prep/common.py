@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterable, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
 
 # Alphabetical, the order torchvision's ImageFolder gives class indices in.
 CLASSES: tuple[str, ...] = ("bathroom", "bedroom", "kitchen", "living_room")
@@ -59,3 +63,8 @@ class Settings:
         settings = asdict(self)
         settings.pop("workers")
         return {**settings, "split_ratio": list(SPLIT_RATIO)}
+
+
+def progress(iterable: Iterable[T], **options: Any) -> Iterable[T]:
+    """A tqdm progress bar on a terminal; silent when stderr is a pipe or a CI log (and so in tests)."""
+    return tqdm(iterable, disable=None, **options)

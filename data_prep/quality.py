@@ -17,9 +17,8 @@ from typing import Iterable, Sequence
 import imagehash
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
-from data_prep.common import IMAGE_EXTENSIONS, Settings
+from data_prep.common import IMAGE_EXTENSIONS, Settings, progress
 
 # Chunks of work sent to each process: big enough to amortise pickling, small enough for a smooth progress bar.
 CHUNK_SIZE = 32
@@ -73,9 +72,9 @@ def check_image(path: Path, settings: Settings) -> ImageCheck:
 def check_images(paths: Sequence[Path], settings: Settings) -> list[ImageCheck]:
     """`check_image` over all paths, in order, on `settings.workers` processes, with a progress bar."""
     check = partial(check_image, settings=settings)
-    progress = partial(tqdm, total=len(paths), desc="Decoding + hashing", unit=" img")
+    show = partial(progress, total=len(paths), desc="Decoding + hashing", unit=" img")
     if settings.workers <= 1 or len(paths) < 2 * CHUNK_SIZE:
-        return list(progress(map(check, paths)))
+        return list(show(map(check, paths)))
     with ProcessPoolExecutor(max_workers=settings.workers) as pool:
         results: Iterable[ImageCheck] = pool.map(check, paths, chunksize=CHUNK_SIZE)
-        return list(progress(results))
+        return list(show(results))

@@ -15,9 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
-from tqdm import tqdm
 
-from data_prep.common import CLASSES, REASONS, SPLITS, SUNRGBD_SOURCE, Settings
+from data_prep.common import CLASSES, REASONS, SPLITS, SUNRGBD_SOURCE, Settings, progress
 from data_prep.manifest import ManifestRow
 from data_prep.sources import SourceScan
 
@@ -181,7 +180,7 @@ def plot_samples(rows: list[ManifestRow], dataset: Path, seed: int, path: Path) 
     figure = Figure(figsize=(SAMPLES_PER_CLASS * 1.6, len(CLASSES) * 1.8), dpi=100)
     grid = figure.subplots(len(CLASSES), SAMPLES_PER_CLASS, squeeze=False)
     chooser = random.Random(seed)
-    for axes_row, label in zip(grid, tqdm(CLASSES, desc="Sample grid", unit=" class", leave=False)):
+    for axes_row, label in zip(grid, progress(CLASSES, desc="Sample grid", unit=" class", leave=False)):
         train = [row for row in rows if row.label == label and row.split == "train"]
         chosen = chooser.sample(train, min(SAMPLES_PER_CLASS, len(train)))
         for column, axes in enumerate(axes_row):

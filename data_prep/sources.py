@@ -14,9 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from tqdm import tqdm
 
-from data_prep.common import CLASSES, SUNRGBD_SOURCE, DataPrepError
+from data_prep.common import CLASSES, SUNRGBD_SOURCE, DataPrepError, progress
 
 SCENE_FILE = "scene.txt"
 NAME_SEPARATOR = "__"
@@ -76,7 +75,7 @@ def find_scene_folders(root: Path) -> list[Path]:
     and skipping them keeps the walk fast on the full 6.4 GB download.
     """
     scenes = []
-    for folder, subfolders, files in tqdm(os.walk(root), desc="Finding scenes", unit=" folders", leave=False):
+    for folder, subfolders, files in progress(os.walk(root), desc="Finding scenes", unit=" folders", leave=False):
         if SCENE_FILE in files:
             scenes.append(Path(folder))
             subfolders.clear()

@@ -11,9 +11,8 @@ import shutil
 from pathlib import Path
 
 import splitfolders
-from tqdm import tqdm
 
-from data_prep.common import CLASSES, SPLIT_RATIO, SPLITS, DataPrepError
+from data_prep.common import CLASSES, SPLIT_RATIO, SPLITS, DataPrepError, progress
 from data_prep.sources import Candidate
 
 # The kept images are copied (bytes only, never re-encoded) into staging/.pool/<class>/<name>, then
@@ -29,7 +28,7 @@ def split_kept_images(kept: list[Candidate], staging: Path, seed: int) -> dict[s
     pool = staging / POOL_FOLDER
     for label in sorted({candidate.label for candidate in kept}):
         (pool / label).mkdir(parents=True)
-    for candidate in tqdm(kept, desc="Copying kept images", unit=" img"):
+    for candidate in progress(kept, desc="Copying kept images", unit=" img"):
         assert candidate.path is not None
         shutil.copyfile(candidate.path, pool / candidate.label / candidate.output_name)
     splitfolders.ratio(str(pool), output=str(staging), seed=seed, ratio=SPLIT_RATIO, move=True)
