@@ -20,6 +20,7 @@ BASE_IMAGE=${RC_BASE_IMAGE:-}
 CA_DIR=${RC_EXTRA_CA_CERTS:-}
 BENTOML=${BENTOML:-bentoml}
 PYTHON=${PYTHON:-python}
+export BENTOML_DO_NOT_TRACK=${BENTOML_DO_NOT_TRACK:-true}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 

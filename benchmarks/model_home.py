@@ -1,0 +1,63 @@
+"""Temporary BentoML homes holding a `room_classifier` model, so load runs and container tests never touch
+the developer's own model store.
+
+BentoML fixes its home when it is imported, so models are registered by a subprocess that gets
+BENTOML_HOME in its environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from benchmarks.common import REPO_ROOT
+
+MODEL_NAME = "room_classifier"
+
+
+def run_with_home(home: Path | str, args: list[str]) -> str:
+    """Run `python args...` from the repo root with BENTOML_HOME=home; return stdout, raise with stderr."""
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed (BENTOML_HOME={home}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def register_tiny_model(home: Path | str) -> str:
+    """Save the tiny but real ONNX test model (tests/tiny_model.py) into `home`; return its tag."""
+    return run_with_home(home, ["-m", "tests.tiny_model"]).strip().splitlines()[-1]
+
+
+def copy_model(source_home: Path | str, tag: str, target_home: Path | str) -> str:
+    """Copy model `tag` from one BentoML home to another via `bentoml models export/import`; return its tag."""
+    with tempfile.TemporaryDirectory(prefix="rc-model-") as scratch:
+        archive = Path(scratch) / "model.bentomodel"
+        run_with_home(source_home, ["-m", "bentoml", "models", "export", tag, str(archive)])
+        run_with_home(target_home, ["-m", "bentoml", "models", "import", str(archive)])
+    code = f"import bentoml; print(bentoml.models.get({tag!r}).tag)"
+    return run_with_home(source_home, ["-c", code]).strip().splitlines()[-1]
+
+
+@contextmanager
+def temporary_model_home(source_home: str | None = None, tag: str = f"{MODEL_NAME}:latest") -> Iterator[str]:
+    """A fresh BentoML home with one room_classifier: copied from `source_home` if given, else the tiny model."""
+    home = tempfile.mkdtemp(prefix="rc-bentoml-home-")
+    try:
+        if source_home:
+            copy_model(source_home, tag, home)
+        else:
+            register_tiny_model(home)
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def temporary_tiny_model_home():
+    return temporary_model_home(None)
