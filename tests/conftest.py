@@ -110,7 +110,7 @@ def wait_for(server: Server, path: str) -> None:
         try:
             if requests.get(server.url + path, timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy starting to answer
             pass
         time.sleep(0.25)
     stop_server(server)
