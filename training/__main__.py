@@ -20,7 +20,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--archs", nargs="+", default=["mobilenet_v3_small", "mobilenet_v2", "mobilenet_v3_large"],
                         help="backbones for `compare`")
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--views", type=int)
+    parser.add_argument("--views", type=int, help="cached views per training image (1 centre + augmented)")
+    parser.add_argument("--stem-blocks", type=int, help="freeze features[:N] (default: the architecture's cut)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--max-per-class", type=int)
     parser.add_argument("--weights-dir", type=Path, help="folder of torchvision *.pth files to seed the hub cache with")
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.weights_dir is not None and args.weights_dir.is_dir():
         seed_hub_cache(args.weights_dir)
-    recipe = recipe_from_args(args.profile, arch=args.arch, epochs=args.epochs, views=args.views, seed=args.seed,
+    recipe = recipe_from_args(args.profile, arch=args.arch, epochs=args.epochs, views=args.views, stem_blocks=args.stem_blocks, seed=args.seed,
                               max_per_class=args.max_per_class, pretrained=False if args.random_init else None)
     try:
         if args.step == "train":

@@ -25,8 +25,8 @@ class BackboneSpec:
 
 BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet_v3_large": BackboneSpec(models.mobilenet_v3_large, models.MobileNet_V3_Large_Weights.IMAGENET1K_V1, 7),
-    "mobilenet_v3_small": BackboneSpec(models.mobilenet_v3_small, models.MobileNet_V3_Small_Weights.IMAGENET1K_V1, 4),
-    "mobilenet_v2": BackboneSpec(models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, 11),
+    "mobilenet_v3_small": BackboneSpec(models.mobilenet_v3_small, models.MobileNet_V3_Small_Weights.IMAGENET1K_V1, 7),
+    "mobilenet_v2": BackboneSpec(models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, 14),
 }
 
 
