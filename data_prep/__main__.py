@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from data_prep.common import CLASSES, REASONS, SPLITS, DataPrepError, Settings
 from data_prep.pipeline import PrepResult, prepare_dataset
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sunrgbd", type=Path, help="SUN RGB-D root: scene folders found at any depth by scene.txt")
     parser.add_argument("--extra", type=Path, action="append", default=[], metavar="DIR",
                         help="an ImageFolder tree <class>/*.jpg; its folder name is the source name (repeatable)")
-    parser.add_argument("--out", type=Path, required=True, help="dataset folder to create (replaced only when complete)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="dataset folder to create (replaced only when complete)")
     parser.add_argument("--dark-threshold", type=_bounded(float, 0, 1), default=DEFAULTS.dark_threshold, metavar="F",
                         help="drop images whose mean grey level (0 black .. 1 white) is below F (default %(default)s)")
     parser.add_argument("--blank-threshold", type=_bounded(float, 0, 1), default=DEFAULTS.blank_threshold, metavar="F",
@@ -71,7 +72,8 @@ def format_result(result: PrepResult) -> str:
     splits = " / ".join(f"{split} {sum(summary['splits'][split].values()):,}" for split in SPLITS)
     drops = ", ".join(f"{reason} {summary['dropped_by_reason'][reason]:,}" for reason in REASONS
                       if summary["dropped_by_reason"][reason])
-    lines.append(f"kept {summary['kept']:,} ({splits}); dropped {summary['dropped']:,}" + (f": {drops}" if drops else ""))
+    dropped = f"dropped {summary['dropped']:,}" + (f": {drops}" if drops else "")
+    lines.append(f"kept {summary['kept']:,} ({splits}); {dropped}")
     lines.append(f"report: {result.out / 'report' / 'report.md'}")
     return "\n".join(lines)
 

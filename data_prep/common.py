@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 

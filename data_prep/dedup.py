@@ -10,10 +10,10 @@ with the hashes found in m lookup tables under the chunk values within r bits of
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from math import comb
-from typing import Iterator, Sequence
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def plan_chunks(count: int, bits: int, max_distance: int) -> list[Chunk]:
         radius = -(-(max_distance + 1) // parts) - 1
         widths = [bits // parts + (index < bits % parts) for index in range(parts)]
         offsets = [sum(widths[:index]) for index in range(parts)]
-        chunks = [Chunk(offset, width, radius) for offset, width in zip(offsets, widths)]
+        chunks = [Chunk(offset, width, radius) for offset, width in zip(offsets, widths, strict=True)]
         lookups = sum(sum(comb(chunk.width, k) for k in range(min(radius, chunk.width) + 1)) for chunk in chunks)
         work = lookups * (1 + count / 2 ** min(widths))
         if best is None or work < best[0]:
@@ -60,7 +60,7 @@ def near_pairs(hashes: Sequence[int], bits: int, max_distance: int) -> Iterator[
         tables.append(dict(table))
     flips = [chunk.flips() for chunk in chunks]
     for index, hash_value in enumerate(hashes):
-        for chunk, table, masks in zip(chunks, tables, flips):
+        for chunk, table, masks in zip(chunks, tables, flips, strict=True):
             own = chunk.value(hash_value)
             for mask in masks:
                 for other in table.get(own ^ mask, ()):
@@ -101,7 +101,8 @@ def group_near_duplicates(hashes: Sequence[int], bits: int, max_distance: int) -
     return sorted((group for group in members.values() if len(group) > 1), key=lambda group: group[0])
 
 
-def resolve_duplicates(groups: list[list[int]], labels: Sequence[str], names: Sequence[str]) -> dict[int, tuple[str, str]]:
+def resolve_duplicates(groups: list[list[int]], labels: Sequence[str],
+                       names: Sequence[str]) -> dict[int, tuple[str, str]]:
     """(reason, detail) for every image to drop.
 
     A group within one class keeps its first member (callers order images by preference) and drops the
@@ -113,7 +114,8 @@ def resolve_duplicates(groups: list[list[int]], labels: Sequence[str], names: Se
         if len(classes) > 1:
             for index in group:
                 others = [names[other] for other in group if other != index]
-                dropped[index] = ("label_conflict", f"same photo labelled {' and '.join(classes)}: {_short_list(others)}")
+                detail = f"same photo labelled {' and '.join(classes)}: {_short_list(others)}"
+                dropped[index] = ("label_conflict", detail)
         else:
             for index in group[1:]:
                 dropped[index] = ("duplicate", f"same photo as {names[group[0]]}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from data_prep.common import SUNRGBD_SOURCE, DataPrepError, Settings
 from data_prep.dedup import group_near_duplicates, resolve_duplicates
@@ -14,8 +16,15 @@ from data_prep.manifest import ManifestRow, write_manifest
 from data_prep.output import MANIFEST_NAME, REPORT_FOLDER, check_output_location, publish, staging_folder
 from data_prep.quality import ImageCheck, check_images
 from data_prep.report import write_report
-from data_prep.sources import (Candidate, SourceScan, assign_output_names, extra_source_name, require_folder,
-                               scan_extra, scan_sunrgbd)
+from data_prep.sources import (
+    Candidate,
+    SourceScan,
+    assign_output_names,
+    extra_source_name,
+    require_folder,
+    scan_extra,
+    scan_sunrgbd,
+)
 from data_prep.split import split_kept_images
 
 
@@ -64,10 +73,11 @@ def scan_sources(sunrgbd: Path | None, extras: Sequence[Path]) -> list[SourceSca
     return scans + sorted((scan_extra(extra) for extra in extras), key=lambda scan: scan.source)
 
 
-def decide(candidates: list[Candidate], checks: list[ImageCheck | None], settings: Settings) -> dict[int, tuple[str, str]]:
+def decide(candidates: list[Candidate], checks: list[ImageCheck | None],
+           settings: Settings) -> dict[int, tuple[str, str]]:
     """(reason, detail) for every candidate to drop; the others are kept."""
     dropped: dict[int, tuple[str, str]] = {}
-    for index, (candidate, check) in enumerate(zip(candidates, checks)):
+    for index, check in enumerate(checks):
         if check is None:
             dropped[index] = ("no_image", "the scene's image/ folder is empty or missing")
         elif check.problem is not None:
@@ -85,7 +95,7 @@ def manifest_rows(candidates: list[Candidate], checks: list[ImageCheck | None], 
                   split_of: dict[str, str]) -> list[ManifestRow]:
     """One row per candidate, in candidate order."""
     rows = []
-    for index, (candidate, check) in enumerate(zip(candidates, checks)):
+    for index, (candidate, check) in enumerate(zip(candidates, checks, strict=True)):
         reason, detail = dropped.get(index, ("", ""))
         split = "" if reason else split_of[candidate.output_name]
         measured = check is not None and check.phash != ""
@@ -108,9 +118,10 @@ def inspect(candidates: list[Candidate], settings: Settings) -> list[ImageCheck 
 
 
 def prepare_dataset(out: Path, sunrgbd: Path | None = None, extras: Sequence[Path] = (),
-                    settings: Settings = Settings()) -> PrepResult:
-    """Build the dataset at `out` from SUN RGB-D and/or extra ImageFolder trees; see the package README."""
-    out, extras = Path(out), [Path(extra) for extra in extras]
+                    settings: Settings | None = None) -> PrepResult:
+    """Build the dataset at `out` from SUN RGB-D and/or extra ImageFolder trees; see data_prep/README.md."""
+    settings = settings or Settings()
+    out, extras = Path(os.path.abspath(out)), [Path(extra) for extra in extras]  # abspath: "." has no name
     sunrgbd = Path(sunrgbd) if sunrgbd is not None else None
     timer = StageTimer()
     with timer("total"):

@@ -8,11 +8,11 @@ which makes the check several times faster. Non-JPEG formats decode at full size
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import imagehash
 import numpy as np
@@ -51,7 +51,8 @@ def _decode_small(path: Path, side: int) -> tuple[Image.Image, tuple[int, int]]:
 def check_image(path: Path, settings: Settings) -> ImageCheck:
     """Decode, measure and hash one file; every failure becomes a reason, never an exception."""
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return ImageCheck("unsupported_extension", f"{path.suffix or 'no extension'} is not one of {' '.join(IMAGE_EXTENSIONS)}")
+        extension = path.suffix or "no extension"
+        return ImageCheck("unsupported_extension", f"{extension} is not one of {' '.join(IMAGE_EXTENSIONS)}")
     try:
         grey, (width, height) = _decode_small(path, side=max(64, settings.hash_size * 8))
     except UnidentifiedImageError:

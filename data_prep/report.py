@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -73,7 +74,8 @@ def _table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> list[str]:
     """A markdown table; numbers are right-aligned."""
     align = ["---:" if body and isinstance(body[0][index], int) else "---" for index in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(f"{cell:,}" if isinstance(cell, int) else str(cell) for cell in row) + " |" for row in body]
+    for row in body:
+        lines.append("| " + " | ".join(f"{cell:,}" if isinstance(cell, int) else str(cell) for cell in row) + " |")
     return lines + [""]
 
 
@@ -180,7 +182,7 @@ def plot_samples(rows: list[ManifestRow], dataset: Path, seed: int, path: Path) 
     figure = Figure(figsize=(SAMPLES_PER_CLASS * 1.6, len(CLASSES) * 1.8), dpi=100)
     grid = figure.subplots(len(CLASSES), SAMPLES_PER_CLASS, squeeze=False)
     chooser = random.Random(seed)
-    for axes_row, label in zip(grid, progress(CLASSES, desc="Sample grid", unit=" class", leave=False)):
+    for axes_row, label in zip(grid, progress(CLASSES, desc="Sample grid", unit=" class", leave=False), strict=True):
         train = [row for row in rows if row.label == label and row.split == "train"]
         chosen = chooser.sample(train, min(SAMPLES_PER_CLASS, len(train)))
         for column, axes in enumerate(axes_row):

@@ -14,7 +14,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-
 from data_prep.common import CLASSES, SUNRGBD_SOURCE, DataPrepError, progress
 
 SCENE_FILE = "scene.txt"
@@ -104,12 +103,14 @@ def scan_sunrgbd(root: Path) -> SourceScan:
         several_images += len(images) > 1
         relative = scene.relative_to(root).as_posix()
         if images:
-            candidates.append(Candidate(SUNRGBD_SOURCE, f"{relative}/image/{images[0]}", label, scene / "image" / images[0]))
+            first = f"{relative}/image/{images[0]}"
+            candidates.append(Candidate(SUNRGBD_SOURCE, first, label, root / first))
         else:
             candidates.append(Candidate(SUNRGBD_SOURCE, relative, label, None))
     if not candidates:
         found = ", ".join(f"{label} ({count})" for label, count in labels.most_common(5))
-        raise DataPrepError(f"--sunrgbd {root}: no scene is labelled {', '.join(CLASSES)} (most common labels: {found})")
+        raise DataPrepError(f"--sunrgbd {root}: no scene is labelled {', '.join(CLASSES)} "
+                            f"(most common labels: {found})")
     return SourceScan(SUNRGBD_SOURCE, candidates, dict(sorted(labels.items())), several_images)
 
 
@@ -174,10 +175,11 @@ def assign_output_names(candidates: list[Candidate]) -> list[Candidate]:
     names = [readable_name(candidate) for candidate in candidates]
     taken = Counter(name.casefold() for name in names)
     result = []
-    for candidate, name in zip(candidates, names):
+    for candidate, name in zip(candidates, names, strict=True):
         if taken[name.casefold()] > 1 or len(name) > MAX_NAME_LENGTH:
             stem, suffix = os.path.splitext(name)
-            name = f"{stem[:MAX_NAME_LENGTH - 40]}{NAME_SEPARATOR}{_short_digest(candidate.source + '/' + candidate.source_path)}{suffix}"
+            digest = _short_digest(f"{candidate.source}/{candidate.source_path}")
+            name = f"{stem[:MAX_NAME_LENGTH - 40]}{NAME_SEPARATOR}{digest}{suffix}"
         result.append(Candidate(candidate.source, candidate.source_path, candidate.label, candidate.path, name))
     final = Counter(candidate.output_name.casefold() for candidate in result)
     clashes = [name for name, count in final.items() if count > 1]

@@ -80,7 +80,8 @@ def build_sunrgbd(root: Path) -> dict[tuple[str, str], str]:
     scene("kv1/b3dodata/img_html", "bathroom", {"h.jpg": b"<html><body>404 Not Found</body></html>\n"}, "not_image")
     scene("kv1/b3dodata/img_empty_file", "bathroom", {"e.jpg": b""}, "not_image")
     scene("kv1/b3dodata/img_dark", "living_room", {"d.jpg": jpeg_bytes(photo(1009).point(lambda v: v * 0.05))}, "dark")
-    scene("kv1/b3dodata/img_blank", "living_room", {"b.jpg": jpeg_bytes(Image.new("RGB", (96, 72), (128, 128, 128)))}, "blank")
+    grey = Image.new("RGB", (96, 72), (128, 128, 128))
+    scene("kv1/b3dodata/img_blank", "living_room", {"b.jpg": jpeg_bytes(grey)}, "blank")
     scene("kv1/b3dodata/img_dup_a", "bedroom", {"a.jpg": jpeg_bytes(duplicate, quality=95)}, "")
     scene("xtion/sun3ddata/site_b/scan_9/0000009-000000000009", "bedroom",
           {"b.jpg": jpeg_bytes(duplicate, quality=60)}, "duplicate")  # re-encoded copy, same class

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from data_prep import CLASSES, SPLITS, DataPrepError, Settings, prepare_dataset
+from data_prep.__main__ import main
 from data_prep.dedup import UnionFind, group_near_duplicates, resolve_duplicates
 from data_prep.manifest import COLUMNS, read_manifest
 from data_prep.sources import Candidate, assign_output_names, scan_sunrgbd
@@ -28,11 +29,18 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[t
 
 
 @pytest.fixture(scope="module")
-def dataset(inputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(inputs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """One run with default settings: (dataset, source tree state before, after)."""
     sunrgbd, extra, _ = inputs
     out = tmp_path_factory.mktemp("run") / "dataset"
+    before = tree_state(sunrgbd.parent)
     prepare_dataset(out, sunrgbd=sunrgbd, extras=[extra])
-    return out
+    return out, before, tree_state(sunrgbd.parent)
+
+
+@pytest.fixture(scope="module")
+def dataset(run) -> Path:
+    return run[0]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +76,8 @@ def test_output_names_come_from_the_scene_path_and_never_collide(manifest):
 
 
 def test_names_that_clash_after_sanitising_get_a_digest():
-    clashing = [Candidate("x", "bed room/a.jpg", "bedroom", Path("1")), Candidate("x", "bed:room/a.jpg", "bedroom", Path("2"))]
+    clashing = [Candidate("x", "bed room/a.jpg", "bedroom", Path("1")),
+                Candidate("x", "bed:room/a.jpg", "bedroom", Path("2"))]
     first, second = assign_output_names(clashing)
     assert first.output_name != second.output_name
     assert first.output_name.startswith("x__bed_room__a__") and first.output_name.endswith(".jpg")
@@ -198,7 +207,8 @@ def test_report_is_generated_from_the_manifest(dataset, manifest):
     kept = [row for row in manifest.values() if row["decision"] == "kept"]
     for split in SPLITS:
         for label in CLASSES:
-            assert summary["splits"][split][label] == sum(row["split"] == split and row["class"] == label for row in kept)
+            counted = sum(row["split"] == split and row["class"] == label for row in kept)
+            assert summary["splits"][split][label] == counted
     assert summary["dropped_by_reason"]["no_image"] == 2 and summary["dropped_by_reason"]["corrupt"] == 2
     assert summary["sources"]["sunrgbd"]["scenes"] == {"bathroom": 14, "bedroom": 16, "kitchen": 15, "living_room": 14}
     assert summary["sources"]["myrooms"]["ignored_folders"] == ["garage"]
@@ -209,11 +219,9 @@ def test_report_is_generated_from_the_manifest(dataset, manifest):
             assert image.format == "PNG" and image.width > 400
 
 
-def test_source_trees_are_never_modified(inputs, tmp_path):
-    sunrgbd, extra, _ = inputs
-    before = tree_state(sunrgbd.parent)
-    prepare_dataset(tmp_path / "out", sunrgbd=sunrgbd, extras=[extra], settings=Settings(workers=1))
-    assert tree_state(sunrgbd.parent) == before
+def test_source_trees_are_never_modified(run):
+    _, before, after = run
+    assert after == before
 
 
 def test_rerun_replaces_the_dataset_and_an_interrupted_run_leaves_the_old_one(inputs, tmp_path, monkeypatch):
@@ -247,7 +255,8 @@ def test_nothing_usable_left_is_a_clear_error(tmp_path):
 # --- CLI -----------------------------------------------------------------------------------------------
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_cli_builds_the_dataset_and_prints_timings(inputs, tmp_path):
@@ -276,30 +285,38 @@ def bad_input_cases(tmp: Path, sunrgbd: Path) -> dict[str, tuple[list[str], str]
         "a file, not a folder": (["--sunrgbd", str(tmp / "a_file"), "--out", out], "not a folder"),
         "no scene.txt": (["--sunrgbd", str(tmp / "no_scenes"), "--out", out], "no scene.txt"),
         "no scene of the classes": (["--sunrgbd", str(tmp / "offices"), "--out", out], "office (1)"),
-        "extra without class folders": (["--extra", str(tmp / "no_classes"), "--out", out], "no files in folders named"),
+        "extra without class folders": (["--extra", str(tmp / "no_classes"), "--out", out],
+                                        "no files in folders named"),
         "unwritable output": (["--sunrgbd", str(sunrgbd), "--out", str(tmp / "a_file" / "out")], "cannot write"),
-        "output inside the source": (["--sunrgbd", str(sunrgbd), "--out", str(sunrgbd / "kv1" / "out")], "inside the source"),
-        "output containing the source": (["--sunrgbd", str(sunrgbd), "--out", str(sunrgbd.parent)], "contains the source"),
+        "output inside the source": (["--sunrgbd", str(sunrgbd), "--out", str(sunrgbd / "kv1" / "out")],
+                                     "inside the source"),
+        "output containing the source": (["--sunrgbd", str(sunrgbd), "--out", str(sunrgbd.parent)],
+                                         "contains the source"),
         "output is someone's folder": (["--sunrgbd", str(sunrgbd), "--out", str(tmp / "foreign")], "did not write"),
         "two sources with one name": (["--extra", str(tmp / "no_classes"), "--extra", str(tmp / "no_classes"),
                                        "--out", out], "two sources are named"),
     }
 
 
-def test_bad_input_gets_one_clear_line_and_a_non_zero_exit(inputs, tmp_path):
+def test_bad_input_gets_one_clear_line_and_a_non_zero_exit(inputs, tmp_path, capsys):
     for name, (args, words) in bad_input_cases(tmp_path, inputs[0]).items():
-        result = run_cli(*args, "--workers", "1")
-        assert result.returncode == 2, name
-        assert "Traceback" not in result.stderr, name
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("data_prep: error:") and words in lines[0], (name, result.stderr)
+        assert main([*args, "--workers", "1"]) == 2, name
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("data_prep: error:") and words in lines[0], (name, lines)
         assert not (tmp_path / "out").exists(), name
     assert (tmp_path / "foreign" / "thesis.tex").read_text() == "precious"
 
 
+def test_the_process_exits_2_without_a_traceback(tmp_path):
+    result = run_cli("--sunrgbd", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr == f"data_prep: error: --sunrgbd {tmp_path / 'missing'}: no such folder\n"
+
+
 @pytest.mark.parametrize("args", [["--out", "x"], ["--sunrgbd", "x", "--out", "y", "--max-distance", "64"],
                                   ["--sunrgbd", "x", "--out", "y", "--dark-threshold", "2"]])
-def test_bad_options_get_a_usage_error(args):
-    result = run_cli(*args)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("python -m data_prep: error:")
+def test_bad_options_get_a_usage_error(args, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        main(args)
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("python -m data_prep: error:")

@@ -68,7 +68,8 @@ def reasons_for(sun_rows: dict[str, dict[str, str]], reason: str) -> set[str]:
 def test_broken_files_are_caught(sun_rows):
     files = image_files(sun_rows)
     not_jpeg = {path for path, data in files.items() if not data.startswith(b"\xff\xd8")}
-    truncated = {path for path, data in files.items() if data.startswith(b"\xff\xd8") and not data.rstrip(b"\0").endswith(b"\xff\xd9")}
+    truncated = {path for path, data in files.items()
+                 if data.startswith(b"\xff\xd8") and not data.rstrip(b"\0").endswith(b"\xff\xd9")}
     assert (len(not_jpeg), len(truncated)) == (2, 8)  # the replica's planted faults
     assert reasons_for(sun_rows, "not_image") == not_jpeg
     assert reasons_for(sun_rows, "corrupt") == truncated
@@ -76,7 +77,8 @@ def test_broken_files_are_caught(sun_rows):
 
 def test_nearly_black_frames_are_caught(sun_rows):
     files = image_files(sun_rows)
-    decodable = [path for path, row in sun_rows.items() if path in files and row["reason"] not in ("not_image", "corrupt")]
+    decodable = [path for path, row in sun_rows.items()
+                 if path in files and row["reason"] not in ("not_image", "corrupt")]
     black = set()
     for path in decodable:
         with Image.open(SUNRGBD / path) as image:  # full-size decode, unlike data_prep's reduced one
@@ -91,7 +93,8 @@ def test_scenes_without_or_with_several_images(sun_rows):
     empty = {scene for scene in scenes
              if not (SUNRGBD / scene / "image").is_dir() or not os.listdir(SUNRGBD / scene / "image")}
     assert len(empty) == 3 and reasons_for(sun_rows, "no_image") == empty
-    several = [scene for scene in scenes if (SUNRGBD / scene / "image").is_dir() and len(os.listdir(SUNRGBD / scene / "image")) > 1]
+    several = [scene for scene in scenes
+               if (SUNRGBD / scene / "image").is_dir() and len(os.listdir(SUNRGBD / scene / "image")) > 1]
     assert len(several) == 5
     for scene in several:
         assert scenes[scene] == f"{scene}/image/{sorted(os.listdir(SUNRGBD / scene / 'image'))[0]}"
