@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -45,7 +46,20 @@ logger = logging.getLogger("bentoml.service.room_classifier")
 
 CONFIG = ServiceConfig.from_env()
 MODEL = bentoml.models.BentoModel(CONFIG.model_tag)
+
+
+def explain_missing_model(tag: str) -> None:
+    """BentoML refuses to serve or build without the model (exit 1); say plainly what to do about it."""
+    try:
+        bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound as exc:
+        print(f"room_classifier: MODEL {tag} NOT FOUND ({exc}). Train and register a model first, or point "
+              "RC_MODEL_TAG at an existing one (`bentoml models list`).", file=sys.stderr)
+
+
+explain_missing_model(CONFIG.model_tag)
 CLASSIFY_ROUTES = ("/classify", "/classify_batch")
+HEALTH_ROUTES = ("/", "/health")
 FILE_FIELDS = ("image", "images")
 
 
@@ -165,7 +179,7 @@ async def health(_: Request) -> JSONResponse:
     return JSONResponse(payload, status_code=200 if payload["status"] == "ok" else 503)
 
 
-health_app = Starlette(routes=[Route("/", health, methods=["GET"]), Route("/health", health, methods=["GET"])])
+health_app = Starlette(routes=[Route(path, health, methods=["GET"]) for path in HEALTH_ROUTES])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -367,7 +381,8 @@ class RoomClassifier:
         return self._fetch_limiter
 
 
-RoomClassifier.add_asgi_middleware(ErrorEnvelopeMiddleware, retry_after_s=CONFIG.retry_after_s)
+RoomClassifier.add_asgi_middleware(ErrorEnvelopeMiddleware, retry_after_s=CONFIG.retry_after_s,
+                                   own_paths=HEALTH_ROUTES)
 RoomClassifier.add_asgi_middleware(LoadSheddingMiddleware, max_concurrency=CONFIG.max_concurrency,
                                    paths=CLASSIFY_ROUTES, retry_after_s=CONFIG.retry_after_s)
 RoomClassifier.add_asgi_middleware(RequestGuardMiddleware, max_body_bytes=CONFIG.max_request_bytes,

@@ -148,8 +148,8 @@ def split_url(url: str, policy: UrlPolicy):  # -> urllib.parse.SplitResult
 
 
 def normalise_host(host: str) -> str:
-    """Lower-case, IDNA-encoded host name (IPv6 literals without brackets)."""
-    host = host.strip().strip("[]").lower()
+    """Lower-case, IDNA-encoded host name without a trailing dot (IPv6 literals without brackets)."""
+    host = host.strip().strip("[]").lower().rstrip(".")
     if not host:
         raise InputError("invalid_url", "the URL has no host")
     if ":" in host:  # IPv6 literal: no IDNA

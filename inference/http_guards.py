@@ -54,12 +54,13 @@ async def send_error(send: Send, status: int, code: str, message: str, retry_aft
 class ErrorEnvelopeMiddleware:
     """Every 4xx/5xx answer outside the system paths leaves in the `{"error": {code, message}}` shape."""
 
-    def __init__(self, app: ASGIApp, retry_after_s: int = 1) -> None:
+    def __init__(self, app: ASGIApp, retry_after_s: int = 1, own_paths: Iterable[str] = ()) -> None:
         self.app = app
         self.retry_after_s = retry_after_s
+        self.skip_paths = SYSTEM_PATHS | frozenset(own_paths)  # answers that have their own shape
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in SYSTEM_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.skip_paths:
             return await self.app(scope, receive, send)
         held_start: Message | None = None
         held_body: list[bytes] = []

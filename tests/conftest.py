@@ -72,10 +72,10 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def client(self):  # -> bentoml.SyncHTTPClient
+    def client(self, wait_ready: bool = True):  # -> bentoml.SyncHTTPClient
         import bentoml
 
-        return bentoml.SyncHTTPClient(self.url, timeout=60)
+        return bentoml.SyncHTTPClient(self.url, timeout=60, server_ready_timeout=None if wait_ready else 0)
 
     def alive(self) -> bool:
         return self.process.poll() is None

@@ -55,12 +55,13 @@ def test_non_public_addresses_are_refused_in_every_spelling(url: str) -> None:
 
 @pytest.mark.parametrize("host, addresses", [
     ("localhost", ["127.0.0.1", "::1"]),
+    ("localhost.", ["127.0.0.1"]),
     ("metadata.google.internal", ["169.254.169.254"]),
     ("rebind.example", [PUBLIC, "10.1.2.3"]),  # one bad address is enough
     ("mapped.example", ["::ffff:10.0.0.1"]),
 ])
 def test_names_resolving_to_non_public_addresses_are_refused(host: str, addresses: list[str]) -> None:
-    assert code_of(f"http://{host}/x.jpg", table={host: addresses}) == "url_host_not_allowed"
+    assert code_of(f"http://{host}/x.jpg", table={host.rstrip("."): addresses}) == "url_host_not_allowed"
 
 
 @pytest.mark.parametrize("url, code", [
@@ -83,6 +84,7 @@ def test_allow_list_trusts_named_hosts_and_networks_only() -> None:
     table = {"images.internal": ["10.9.9.9"], "other.internal": ["10.9.9.9"], "cam.internal": ["10.20.3.4"]}
     assert vet_url("http://images.internal/x.jpg", policy, resolver_for(table)).address == "10.9.9.9"
     assert vet_url("http://cam.internal/x.jpg", policy, resolver_for(table)).address == "10.20.3.4"
+    assert vet_url("http://IMAGES.internal./x.jpg", policy, resolver_for(table)).host == "images.internal"
     assert vet_url("http://10.20.0.1/x.jpg", policy, resolver_for(table)).address == "10.20.0.1"
     assert code_of("http://other.internal/x.jpg", policy, table) == "url_host_not_allowed"
     assert code_of("http://10.21.0.1/x.jpg", policy, table) == "url_host_not_allowed"

@@ -1,0 +1,74 @@
+"""A corrupt model keeps the service up but not ready, with a clear log line; a missing one stops
+`bentoml serve` at once with a clear message (BentoML resolves models before serving)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import bentoml
+import pytest
+import requests
+
+from tests.conftest import REPO, Server, start_server, stop_server
+
+REGISTER_CORRUPT = """
+import sys
+from pathlib import Path
+from training.register import save_to_model_store
+from tests.tiny_model import tiny_metadata
+path = Path(sys.argv[1])
+path.write_bytes(b"\\x08\\x07definitely not an onnx graph" * 100)
+print(save_to_model_store(path, tiny_metadata()))
+"""
+
+
+@pytest.fixture(scope="module")
+def corrupt_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("corrupt_home")
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    subprocess.run([sys.executable, "-c", REGISTER_CORRUPT, str(home / "model.onnx")], cwd=REPO, env=env,
+                   check=True, capture_output=True, timeout=120)
+    server = start_server(home, home / "server.log", wait_ready=False)
+    yield server
+    stop_server(server)
+
+
+def test_corrupt_model_is_up_but_never_ready(corrupt_server: Server) -> None:
+    for _ in range(4):
+        assert requests.get(corrupt_server.url + "/livez", timeout=5).status_code == 200
+        assert requests.get(corrupt_server.url + "/readyz", timeout=5).status_code == 503
+        time.sleep(0.5)
+    assert corrupt_server.alive()
+    log = corrupt_server.log()
+    assert "MODEL NOT LOADED" in log and "ONNX Runtime cannot load model.onnx" in log
+    assert log.count("Service room_classifier_model initialized") == 1  # not restarting in a loop
+
+
+def test_corrupt_model_health_and_classify_say_why(corrupt_server: Server, tmp_path: Path) -> None:
+    health = requests.get(corrupt_server.url + "/health", timeout=10)
+    assert health.status_code == 503, health.text
+    assert health.json()["status"] == "unavailable" and "cannot load" in health.json()["error"], health.text
+    image = tmp_path / "x.jpg"
+    image.write_bytes(b"anything")
+    with corrupt_server.client(wait_ready=False) as client:
+        with pytest.raises(bentoml.exceptions.ServiceUnavailable) as caught:
+            client.classify(image=image)
+    assert json.loads(str(caught.value))["error"]["code"] == "model_unavailable"
+    raw = requests.post(corrupt_server.url + "/classify", json={"image_url": "http://localhost/x.jpg"}, timeout=10)
+    assert raw.status_code == 503 and raw.headers["Retry-After"] == "1"
+
+
+def test_missing_model_stops_serve_with_a_clear_message(tiny_model, tmp_path: Path) -> None:
+    env = {**os.environ, "BENTOML_HOME": str(tiny_model.home), "BENTOML_DO_NOT_TRACK": "true",
+           "RC_MODEL_TAG": "room_classifier:nosuchversion"}
+    result = subprocess.run([sys.executable, "-m", "bentoml", "serve", "service:RoomClassifier", "--host",
+                             "127.0.0.1", "--port", "1"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert "MODEL room_classifier:nosuchversion NOT FOUND" in result.stderr
