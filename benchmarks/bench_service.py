@@ -11,6 +11,7 @@ running service (a container, say) as it is configured, once.
 
     python -m benchmarks.bench_service                       # model: room_classifier:latest of BENTOML_HOME
     python -m benchmarks.bench_service --tiny-model          # tiny test model in a temporary BENTOML_HOME
+    python -m benchmarks.bench_service --model-home /path/to/bentoml_home   # a copy of its room_classifier
     python -m benchmarks.bench_service --url http://127.0.0.1:3000 --clients 16
 """
 
@@ -30,12 +31,13 @@ from pathlib import Path
 from typing import Sequence
 
 import bentoml
+import requests
 from tqdm import tqdm
 
 from benchmarks.client_calls import classify_uploads, error_code_of
 from benchmarks.common import (DEFAULT_DATA, DEFAULT_SERVICE, BentoServer, find_room_photos, parse_size,
                                percentiles_ms, read_batch_stats, write_jpegs)
-from benchmarks.model_home import temporary_tiny_model_home
+from benchmarks.model_home import temporary_model_home
 
 
 @dataclass
@@ -63,6 +65,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--service", default=DEFAULT_SERVICE, help="what `bentoml serve` runs (import string or bento tag)")
     parser.add_argument("--tiny-model", action="store_true",
                         help="serve the tiny test model from a temporary BENTOML_HOME (no trained model needed)")
+    parser.add_argument("--model-home", help="serve a copy of room_classifier:latest from this BentoML home "
+                        "(copied into a temporary home; default: the model of the current BENTOML_HOME)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder with extra/<source>/<class>/")
     parser.add_argument("--photos", type=int, default=48, help="distinct photos to cycle through")
     parser.add_argument("--sizes", default="640x480,1600x1200", help="comma-separated WxH JPEG sizes")
@@ -149,12 +153,21 @@ def server_for_mode(mode: str, args: argparse.Namespace, env: dict[str, str]):
     return BentoServer(args.service, env=mode_env)
 
 
+def describe_model(url: str) -> str:
+    """'room_classifier:<version> (architecture)' as the service's /health reports it."""
+    try:
+        health = requests.get(f"{url}/health", timeout=10).json()
+    except (requests.RequestException, ValueError) as exc:
+        return f"model unknown ({type(exc).__name__})"
+    return f"{health.get('model')} ({health.get('architecture')})"
+
+
 def format_table(results: Sequence[RunResult]) -> str:
-    header = (f"{'batching':<9}{'size':>11}{'clients':>8}{'img/req':>8}{'requests':>9}{'errors':>7}"
+    header = (f"{'batching':<14}{'size':>11}{'clients':>8}{'img/req':>8}{'requests':>9}{'errors':>7}"
               f"{'images/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'mean batch':>11}")
     rows = [header, "-" * len(header)]
     for r in results:
-        rows.append(f"{r.mode:<9}{r.size:>11}{r.clients:>8}{r.images_per_request:>8}{r.requests:>9}"
+        rows.append(f"{r.mode:<14}{r.size:>11}{r.clients:>8}{r.images_per_request:>8}{r.requests:>9}"
                     f"{sum(r.errors.values()):>7}{r.images_per_s:>10.2f}{r.p50_ms:>9.1f}{r.p95_ms:>9.1f}"
                     f"{r.p99_ms:>9.1f}{r.mean_batch_size:>11.2f}")
     return "\n".join(rows)
@@ -187,8 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rc-bench-")))
         env: dict[str, str] = {}
-        if args.tiny_model and not args.url:
-            env["BENTOML_HOME"] = stack.enter_context(temporary_tiny_model_home())
+        if (args.tiny_model or args.model_home) and not args.url:
+            env["BENTOML_HOME"] = stack.enter_context(temporary_model_home(args.model_home))
         photos = find_room_photos(args.data, args.photos)
         files_by_size = {f"{w}x{h}": write_jpegs(photos, (w, h), workdir / f"{w}x{h}") for w, h in sizes}
         print(f"{len(photos)} photos from {args.data}, sizes {', '.join(files_by_size)}; "
@@ -196,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for mode in modes:
             with server_for_mode(mode, args, env) as server:
                 url = server if isinstance(server, str) else server.url
+                print(f"batching {mode}: {describe_model(url)}", file=sys.stderr)
                 for size, files in files_by_size.items():
                     results.append(measure(url, mode, size, files, args))
                     print(format_table(results[-1:]).splitlines()[-1], file=sys.stderr)

@@ -57,7 +57,3 @@ def temporary_model_home(source_home: str | None = None, tag: str = f"{MODEL_NAM
         yield home
     finally:
         shutil.rmtree(home, ignore_errors=True)
-
-
-def temporary_tiny_model_home():
-    return temporary_model_home(None)

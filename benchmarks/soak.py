@@ -3,7 +3,8 @@
 Every request has a kind (a good upload, a good URL, a multi-image request with one bad image, a truncated
 JPEG, a header claiming 100000x100000 pixels, a text file named .jpg, malformed JSON, a hostile URL) and
 the outcomes that kind may legitimately get. Load shedding (429 overloaded, 503 model_overloaded) is
-counted on its own; anything else outside the expected set is an *unexpected error*: a 5xx, a good image
+counted on its own (a client told to back off waits --backoff seconds, 1 s like the service's Retry-After,
+or hammers on with --backoff 0); anything else outside the expected set is an *unexpected error*: a 5xx, a good image
 refused, a bad one accepted, a 4xx without the JSON error envelope, a dropped connection or a timeout.
 The report shows outcomes per kind, latency percentiles and the server's memory (RSS of its process
 tree) at the start, the peak and the end. Exit status 1 when there was any unexpected error.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import http.server
-import io
 import json
 import random
 import struct
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import bentoml
+import numpy as np
 import requests
 from tqdm import tqdm
 
@@ -146,18 +147,21 @@ class Worker:
     def __init__(self, url: str, inputs: Inputs, seed: int) -> None:
         self.url, self.inputs, self.rng = url, inputs, random.Random(seed)
         self.client = bentoml.SyncHTTPClient(url, timeout=60)
-        self.session = requests.Session()
+        self.detail = ""  # the last failure's text, kept for the report's examples
 
     def close(self) -> None:
         self.client.close()
-        self.session.close()
+
+    def failed(self, exc: Exception) -> str:
+        self.detail = repr(exc)[:300]
+        return error_code_of(exc)
 
     def call(self, function: Callable[[], object]) -> str:
         try:
             function()
             return "200"
         except Exception as exc:  # the outcome is the report's business, not the thread's
-            return error_code_of(exc)
+            return self.failed(exc)
 
     def good_file(self) -> Path:
         return self.rng.choice(self.inputs.good_files)
@@ -169,19 +173,20 @@ class Worker:
                 images=[self.good_file(), self.inputs.truncated, self.good_file()],
                 image_urls=[self.rng.choice(self.inputs.good_urls), self.rng.choice(HOSTILE_URLS)])
         except Exception as exc:
-            return error_code_of(exc)
+            return self.failed(exc)
         results = answer["results"] if isinstance(answer, dict) else [r.model_dump() for r in answer.results]
         ok = [item.get("result") is not None for item in results]
         # order: image_urls first (good, hostile), then images (good, truncated, good)
         return "200" if ok == [True, False, True, False, True] else f"200 wrong_items {ok}"
 
     def raw_post(self, body: bytes, content_type: str) -> str:
-        """What the generated client cannot send: a malformed body."""
+        """What the generated client cannot send: a malformed body. A fresh connection each time, so a
+        connection error is the server's doing, not a keep-alive connection that timed out meanwhile."""
         try:
-            response = self.session.post(f"{self.url}/classify", data=body, headers={"Content-Type": content_type},
-                                         timeout=60)
+            response = requests.post(f"{self.url}/classify", data=body, timeout=60,
+                                     headers={"Content-Type": content_type, "Connection": "close"})
         except requests.RequestException as exc:
-            return type(exc).__name__
+            return self.failed(exc)
         if response.ok:
             return str(response.status_code)
         code = error_code_from_body(response.text)
@@ -235,10 +240,14 @@ class Record:
     verdict: str
     started: float
     seconds: float
+    detail: str = ""
 
 
-def soak(url: str, inputs: Inputs, clients: int, seconds: float, rss: Callable[[], int]) -> tuple[list[Record], list[tuple[float, int]]]:
-    """Run `clients` threads until `seconds` have passed; sample server RSS every second."""
+def soak(url: str, inputs: Inputs, clients: int, seconds: float, rss: Callable[[], int],
+         backoff_s: float) -> tuple[list[Record], list[tuple[float, int]]]:
+    """Run `clients` threads until `seconds` have passed; sample server RSS every second.
+
+    A client told to back off (429/503) waits `backoff_s`, as a client honouring Retry-After would."""
     weights = [kind.weight for kind in KINDS]
     records: list[Record] = []
     lock = threading.Lock()
@@ -259,12 +268,14 @@ def soak(url: str, inputs: Inputs, clients: int, seconds: float, rss: Callable[[
         try:
             while time.monotonic() < deadline:
                 kind = worker.rng.choices(KINDS, weights)[0]
-                began = time.perf_counter()
+                began, worker.detail = time.perf_counter(), ""
                 outcome = kind.send(worker)
                 record = Record(kind.name, outcome, judge(kind, outcome), time.monotonic() - start,
-                                time.perf_counter() - began)
+                                time.perf_counter() - began, worker.detail)
                 with lock:
                     records.append(record)
+                if record.verdict == "shed" and backoff_s > 0:
+                    time.sleep(backoff_s)
         finally:
             worker.close()
 
@@ -292,13 +303,23 @@ def report(records: Sequence[Record], rss_samples: Sequence[tuple[float, int]], 
         "requests": len(records), "seconds": round(seconds, 1), "requests_per_s": round(len(records) / seconds, 1),
         "verdicts": dict(verdicts),
         "unexpected": dict(Counter(f"{r.kind}: {r.outcome}" for r in records if r.verdict == "unexpected")),
+        "unexpected_examples": {f"{r.kind}: {r.outcome}": r.detail for r in records if r.verdict == "unexpected"},
         "outcomes_by_kind": {kind: dict(counter.most_common()) for kind, counter in sorted(by_kind.items())},
         "latency_ms_all": {k: round(v, 1) for k, v in percentiles_ms([r.seconds for r in records]).items()},
         "latency_ms_good_answered": {k: round(v, 1) for k, v in percentiles_ms(
             [r.seconds for r in records if r.kind in ("upload_good", "url_good") and r.outcome == "200"]).items()},
         "rss_mib": {"start": mib(rss_values[0]), "peak": mib(max(rss_values)), "end": mib(rss_values[-1]),
-                    "growth": mib(rss_values[-1] - rss_values[0])} if rss_values[0] else None,
+                    "growth": mib(rss_values[-1] - rss_values[0]), "trend_per_min": rss_trend_mib_per_min(rss_samples),
+                    "samples": [[round(t, 1), mib(v)] for t, v in rss_samples]} if rss_values[0] else None,
     }
+
+
+def rss_trend_mib_per_min(samples: Sequence[tuple[float, int]]) -> float:
+    """Slope of a straight line through the RSS samples: near 0 when memory is bounded, not leaking."""
+    times = np.array([t for t, _ in samples])
+    if len(samples) < 3 or np.ptp(times) == 0:
+        return float("nan")
+    return round(float(np.polyfit(times / 60.0, [v / 2**20 for _, v in samples], 1)[0]), 1)
 
 
 def mib(value: int) -> float:
@@ -316,9 +337,11 @@ def format_report(summary: dict) -> str:
     if summary["rss_mib"]:
         rss = summary["rss_mib"]
         lines.append(f"server RSS MiB: idle {rss['idle_before_warmup']}, after warm-up {rss['start']}, "
-                     f"peak {rss['peak']}, end {rss['end']}, growth during soak {rss['growth']}")
+                     f"peak {rss['peak']}, end {rss['end']}, growth during soak {rss['growth']} "
+                     f"(trend {rss['trend_per_min']} MiB/min)")
     unexpected = summary["unexpected"]
     lines.append(f"UNEXPECTED ERRORS: {sum(unexpected.values())}" + (f" {unexpected}" if unexpected else ""))
+    lines.extend(f"  e.g. {key}: {detail}" for key, detail in summary["unexpected_examples"].items())
     return "\n".join(lines)
 
 
@@ -354,10 +377,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pid", type=int, help="with --url: the server's PID, to follow its memory")
     parser.add_argument("--service", default=DEFAULT_SERVICE, help="what `bentoml serve` runs")
     parser.add_argument("--tiny-model", action="store_true", help="serve the tiny test model from a temporary home")
+    parser.add_argument("--model-home", help="serve a copy of room_classifier:latest from this BentoML home")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--photos", type=int, default=32)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--backoff", type=float, default=1.0,
+                        help="seconds a client waits after 429/503 (the service's Retry-After); 0 hammers on")
     parser.add_argument("--warmup-seconds", type=float, default=10.0,
                         help="same mix before the measured soak, so RSS growth is not first-use allocation")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON here")
@@ -379,15 +405,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             url, rss = args.url, (lambda: process_tree_rss(args.pid) if args.pid else 0)
         else:
             env = {"RC_URL_ALLOWLIST": "127.0.0.1/32"}
-            if args.tiny_model:
-                env["BENTOML_HOME"] = stack.enter_context(temporary_model_home())
+            if args.tiny_model or args.model_home:
+                env["BENTOML_HOME"] = stack.enter_context(temporary_model_home(args.model_home))
             server = stack.enter_context(BentoServer(args.service, env=env))
             url, rss = server.url, server.rss_bytes
         idle_rss = rss()
         if args.warmup_seconds > 0:
-            soak(url, inputs, args.clients, args.warmup_seconds, rss)
+            soak(url, inputs, args.clients, args.warmup_seconds, rss, args.backoff)
         print(f"soaking {url}: {args.clients} clients for {args.seconds:.0f} s", file=sys.stderr)
-        records, rss_samples = soak(url, inputs, args.clients, args.seconds, rss)
+        records, rss_samples = soak(url, inputs, args.clients, args.seconds, rss, args.backoff)
         summary = report(records, rss_samples, max(args.seconds, rss_samples[-1][0]))
         if summary["rss_mib"]:
             summary["rss_mib"]["idle_before_warmup"] = mib(idle_rss)

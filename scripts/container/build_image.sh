@@ -29,7 +29,7 @@ log() { printf '[build_image] %s\n' "$*" >&2; }
 # Layer the extra CA certificates onto the base image and make pip, uv and requests trust the system store.
 build_ca_base() {
     local from=${BASE_IMAGE:-python:3.11-slim} ca_image="${IMAGE}-base:extra-ca"
-    local certs=("$CA_DIR"/*.crt)
+    local certs=("$CA_DIR"/*.crt) start=$SECONDS
     [ -e "${certs[0]}" ] || { log "RC_EXTRA_CA_CERTS=$CA_DIR holds no *.crt file"; exit 1; }
     mkdir -p "$WORK/ca" && cp "${certs[@]}" "$WORK/ca/"
     log "adding ${#certs[@]} CA certificate(s) from $CA_DIR to $from -> $ca_image"
@@ -41,6 +41,7 @@ RUN update-ca-certificates
 ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt UV_NATIVE_TLS=1
 CONTAINERFILE
+    log "CA layer ready in $((SECONDS - start)) s"
     BASE_IMAGE=$ca_image
 }
 
