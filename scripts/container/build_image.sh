@@ -9,6 +9,7 @@
 #   RC_IMAGE           image name without tag (default localhost/room-classifier); the tag is the bento version
 #   RC_CONTAINER_TOOL  podman (default) or docker: builds the CA layer and is the containerize backend
 #   BENTOML_HOME       the BentoML home holding the room_classifier model (BentoML's default if unset)
+#   BENTOML, PYTHON    the bentoml and python to use (default: the repo's .venv, else PATH)
 #
 # The committed bentofile.yaml is never edited: overrides go into a temporary copy passed with `-f`.
 set -euo pipefail
@@ -18,8 +19,10 @@ IMAGE=${RC_IMAGE:-localhost/room-classifier}
 TOOL=${RC_CONTAINER_TOOL:-podman}
 BASE_IMAGE=${RC_BASE_IMAGE:-}
 CA_DIR=${RC_EXTRA_CA_CERTS:-}
-BENTOML=${BENTOML:-bentoml}
-PYTHON=${PYTHON:-python}
+VENV_BIN="$REPO_ROOT/.venv/bin"  # the project's venv when there is one, else whatever is on PATH
+[ -x "$VENV_BIN/bentoml" ] || VENV_BIN=""
+BENTOML=${BENTOML:-${VENV_BIN:+$VENV_BIN/}bentoml}
+PYTHON=${PYTHON:-${VENV_BIN:+$VENV_BIN/}python}
 export BENTOML_DO_NOT_TRACK=${BENTOML_DO_NOT_TRACK:-true}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
