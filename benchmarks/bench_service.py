@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -169,8 +170,13 @@ def format_table(results: Sequence[RunResult]) -> str:
     for r in results:
         rows.append(f"{r.mode:<14}{r.size:>11}{r.clients:>8}{r.images_per_request:>8}{r.requests:>9}"
                     f"{sum(r.errors.values()):>7}{r.images_per_s:>10.2f}{r.p50_ms:>9.1f}{r.p95_ms:>9.1f}"
-                    f"{r.p99_ms:>9.1f}{r.mean_batch_size:>11.2f}")
+                    f"{r.p99_ms:>9.1f}{format_batch(r.mean_batch_size):>11}")
     return "\n".join(rows)
+
+
+def format_batch(mean_batch_size: float) -> str:
+    """'-' when BentoML recorded no batches (batching off)."""
+    return "-" if math.isnan(mean_batch_size) else f"{mean_batch_size:.2f}"
 
 
 def plot_results(results: Sequence[RunResult], path: Path) -> None:
@@ -197,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = [parse_size(text) for text in args.sizes.split(",")]
     modes = ["as-configured"] if args.url else [m.strip() for m in args.modes.split(",")]
     results: list[RunResult] = []
+    load_before = os.getloadavg()[0]
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rc-bench-")))
         env: dict[str, str] = {}
@@ -214,8 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results.append(measure(url, mode, size, files, args))
                     print(format_table(results[-1:]).splitlines()[-1], file=sys.stderr)
     print(format_table(results))
+    print(f"load average (1 min) of this shared machine: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()}
+                for r in results]
+        args.json.write_text(json.dumps(rows, indent=2))
     if args.plot:
         plot_results(results, args.plot)
     return 0 if all(r.ok for r in results) else 1
