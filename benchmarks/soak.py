@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import json
+import os
 import random
 import struct
 import sys
@@ -300,6 +301,7 @@ def report(records: Sequence[Record], rss_samples: Sequence[tuple[float, int]], 
     verdicts = Counter(record.verdict for record in records)
     rss_values = [value for _, value in rss_samples]
     return {
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "requests": len(records), "seconds": round(seconds, 1), "requests_per_s": round(len(records) / seconds, 1),
         "verdicts": dict(verdicts),
         "unexpected": dict(Counter(f"{r.kind}: {r.outcome}" for r in records if r.verdict == "unexpected")),
@@ -340,6 +342,7 @@ def format_report(summary: dict) -> str:
                      f"peak {rss['peak']}, end {rss['end']}, growth during soak {rss['growth']} "
                      f"(trend {rss['trend_per_min']} MiB/min)")
     unexpected = summary["unexpected"]
+    lines.append(f"load average (1 min) of this shared machine at the end: {summary['load_average_1min']}")
     lines.append(f"UNEXPECTED ERRORS: {sum(unexpected.values())}" + (f" {unexpected}" if unexpected else ""))
     lines.extend(f"  e.g. {key}: {detail}" for key, detail in summary["unexpected_examples"].items())
     return "\n".join(lines)
