@@ -115,6 +115,11 @@ class ImageInput:
 # ----------------------------------------------------------------------------------------------------
 # The model service: ONNX Runtime behind BentoML's adaptive batcher
 
+# RC_MAX_BATCH_SIZE=1 turns adaptive batching off (BentoML wants batchable APIs to allow batches > 1).
+BATCHING: dict[str, Any] = (
+    {"batchable": True, "max_batch_size": CONFIG.max_batch_size, "max_latency_ms": CONFIG.max_latency_ms}
+    if CONFIG.max_batch_size > 1 else {})
+
 
 # runner_connection: BentoML recycles the caller's HTTP session every 100 requests / 300 s by default and
 # closes it under requests still in flight ("Server disconnected"). The caller is a local process on a
@@ -144,7 +149,7 @@ class RoomClassifierModel:
     def __is_ready__(self) -> bool:
         return self.classifier is not None
 
-    @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
+    @bentoml.api(**BATCHING)
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, 3, S, S] preprocessed images -> float32 [N, num_labels] logits."""
         if self.classifier is None:
@@ -299,7 +304,8 @@ class RoomClassifier:
         """Runs in a worker thread: Pillow and NumPy release the GIL for the heavy parts."""
         if isinstance(data, Path):
             data = read_upload(data, self.image_limits.max_bytes)
-        return preprocess(decode_image(data, self.image_limits), info.preprocessing)
+        min_size = info.preprocessing.resize_size if CONFIG.jpeg_draft else None
+        return preprocess(decode_image(data, self.image_limits, min_size=min_size), info.preprocessing)
 
     async def predict(self, batch: np.ndarray, info: ModelInfo, top_k: Optional[int],
                       threshold: Optional[float]) -> list[Prediction]:

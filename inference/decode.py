@@ -8,6 +8,7 @@ when it evaluates the exported model, so both see the same pixels. It:
   allow-listed formats (JPEG, PNG, WebP, GIF by default);
 - reads width x height from the header and refuses more than `max_pixels` *before* decoding
   (decompression bombs);
+- optionally decodes large JPEGs at a reduced scale (`min_size`, see `decode_image`);
 - decodes fully, so truncated or corrupt files fail here with `corrupt_image`, not later (this relies on
   Pillow's default `ImageFile.LOAD_TRUNCATED_IMAGES = False`; code that flips it globally weakens this);
 - takes the first frame of animated images;
@@ -65,11 +66,19 @@ class ImageLimits:
 DEFAULT_LIMITS = ImageLimits()
 
 
-def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """Decode untrusted image bytes to an 8-bit RGB image, or raise InputError (see module docstring)."""
+def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_size: int | None = None) -> Image.Image:
+    """Decode untrusted image bytes to an 8-bit RGB image, or raise InputError (see module docstring).
+
+    `min_size` lets JPEGs decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) as long as both sides
+    stay >= min_size: about 4x less decode time for a 1600x1200 photo. The service passes the model's
+    resize size; without it (training's evaluation) every image decodes at full size. Images whose
+    sides are below 2 x min_size decode at full size either way.
+    """
     check_byte_size(data, limits)
     image = open_image(data, limits)
     check_pixel_count(image, limits)
+    if min_size:
+        image.draft(image.mode, (min_size, min_size))  # a no-op for formats other than JPEG
     load_first_frame(image)
     image = apply_exif_orientation(image)
     image = to_rgb(image)

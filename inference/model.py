@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 ONNX_FILENAME = "model.onnx"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-SERVED_EXTRAS = ("metrics", "training", "dataset_fingerprint", "calibration", "exported_at")
+CORE_KEYS = ("labels", "preprocessing", "temperature", "architecture")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class ModelInfo:
             raise ModelLoadError(f"model {tag}: labels must be at least two distinct names, got {list(labels)}")
         if not math.isfinite(temperature) or temperature <= 0:
             raise ModelLoadError(f"model {tag}: temperature must be a positive number, got {temperature}")
-        extras = {key: metadata[key] for key in SERVED_EXTRAS if key in metadata}
+        extras = {key: value for key, value in metadata.items() if key not in CORE_KEYS}  # metrics, training, ...
         return cls(tag=tag, labels=labels, preprocessing=preprocessing, temperature=temperature,
                    architecture=architecture, extras=extras)
 

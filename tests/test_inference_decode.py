@@ -97,6 +97,15 @@ def test_aspect_crop_keeps_the_centre() -> None:
     assert cropped.size == (10, 100) and cropped.getpixel((5, 50)) == (255, 0, 0)
 
 
+def test_large_jpegs_can_decode_at_reduced_scale_but_never_below_min_size() -> None:
+    big = encode(noisy_image((1600, 1200)), "JPEG")
+    assert decode_image(big).size == (1600, 1200)
+    assert decode_image(big, min_size=256).size == (400, 300)  # 1/4 scale: the shorter side stays >= 256
+    assert decode_image(big, min_size=700).size == (1600, 1200)  # 1/2 would be 600 < 700
+    assert decode_image(encode(noisy_image((1600, 1200)), "PNG"), min_size=256).size == (1600, 1200)
+    assert decode_image(encode(noisy_image((416, 416)), "JPEG"), min_size=256).size == (416, 416)
+
+
 # ---- refusals ----------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from inference.decode import ImageLimits, decode_image
 from inference.model import OnnxClassifier
-from tests.conftest import ImageHost, Server, TinyModel, encode, real_photos, solid_jpeg
+from tests.conftest import ImageHost, Server, TinyModel, encode, noisy_image, real_photos, solid_jpeg
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0)}
 
@@ -47,11 +47,14 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         files[name].write_bytes(solid_jpeg(colour))
     for photo in real_photos(per_class=1):
         files[photo.stem] = photo
+    files["large"] = folder / "large.jpg"  # decoded at reduced scale by the service (RC_JPEG_DRAFT)
+    files["large"].write_bytes(encode(noisy_image((1600, 1200), seed=3), "JPEG", quality=90))
     return files
 
 
 def expected(offline: OnnxClassifier, data: bytes, top_k: int = 3, threshold: float = 0.5) -> dict[str, Any]:
-    prediction = offline.predict([decode_image(data, ImageLimits(max_pixels=30_000_000))], top_k, threshold)[0]
+    image = decode_image(data, ImageLimits(max_pixels=30_000_000), min_size=offline.info.preprocessing.resize_size)
+    prediction = offline.predict([image], top_k, threshold)[0]
     return {**prediction.to_dict(), "model": offline.info.tag}
 
 

@@ -118,7 +118,8 @@ def test_unusual_but_valid_images_are_classified_like_offline(client: bentoml.Sy
     path.write_bytes(data)
     answer = client.classify(image=path)
     offline = OnnxClassifier.from_files(tiny_model.onnx_path, tiny_model.metadata)
-    reference = offline.predict([decode_image(data, ImageLimits(max_pixels=30_000_000))])[0]
+    image = decode_image(data, ImageLimits(max_pixels=30_000_000), min_size=offline.info.preprocessing.resize_size)
+    reference = offline.predict([image])[0]
     assert answer["class"] == reference.label and answer["confidence"] == pytest.approx(reference.confidence, abs=1e-6)
     assert expected_class is None or answer["class"] == expected_class
     assert sum(p for _, p in answer["probabilities"]) == pytest.approx(1.0)
