@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import bentoml
-import numpy as np
 import requests
 from tqdm import tqdm
 
@@ -311,17 +310,18 @@ def report(records: Sequence[Record], rss_samples: Sequence[tuple[float, int]], 
         "latency_ms_good_answered": {k: round(v, 1) for k, v in percentiles_ms(
             [r.seconds for r in records if r.kind in ("upload_good", "url_good") and r.outcome == "200"]).items()},
         "rss_mib": {"start": mib(rss_values[0]), "peak": mib(max(rss_values)), "end": mib(rss_values[-1]),
-                    "growth": mib(rss_values[-1] - rss_values[0]), "trend_per_min": rss_trend_mib_per_min(rss_samples),
+                    "growth": mib(rss_values[-1] - rss_values[0]), **half_peaks_mib(rss_samples),
                     "samples": [[round(t, 1), mib(v)] for t, v in rss_samples]} if rss_values[0] else None,
     }
 
 
-def rss_trend_mib_per_min(samples: Sequence[tuple[float, int]]) -> float:
-    """Slope of a straight line through the RSS samples: near 0 when memory is bounded, not leaking."""
-    times = np.array([t for t, _ in samples])
-    if len(samples) < 3 or np.ptp(times) == 0:
-        return float("nan")
-    return round(float(np.polyfit(times / 60.0, [v / 2**20 for _, v in samples], 1)[0]), 1)
+def half_peaks_mib(samples: Sequence[tuple[float, int]]) -> dict[str, float]:
+    """Peak RSS in the first and the second half of the soak. Memory is bounded when the second peak is
+    not above the first by much (RSS saws up and down as allocators grow and return memory)."""
+    middle = samples[-1][0] / 2
+    first = [v for t, v in samples if t < middle] or [0]
+    second = [v for t, v in samples if t >= middle] or [0]
+    return {"peak_first_half": mib(max(first)), "peak_second_half": mib(max(second))}
 
 
 def mib(value: int) -> float:
@@ -339,8 +339,8 @@ def format_report(summary: dict) -> str:
     if summary["rss_mib"]:
         rss = summary["rss_mib"]
         lines.append(f"server RSS MiB: idle {rss['idle_before_warmup']}, after warm-up {rss['start']}, "
-                     f"peak {rss['peak']}, end {rss['end']}, growth during soak {rss['growth']} "
-                     f"(trend {rss['trend_per_min']} MiB/min)")
+                     f"end {rss['end']}; peak in 1st half {rss['peak_first_half']}, "
+                     f"in 2nd half {rss['peak_second_half']}")
     unexpected = summary["unexpected"]
     lines.append(f"load average (1 min) of this shared machine at the end: {summary['load_average_1min']}")
     lines.append(f"UNEXPECTED ERRORS: {sum(unexpected.values())}" + (f" {unexpected}" if unexpected else ""))
