@@ -63,12 +63,14 @@ class RunResult:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="measure this running service instead of starting one (loopback only)")
-    parser.add_argument("--service", default=DEFAULT_SERVICE, help="what `bentoml serve` runs (import string or bento tag)")
+    parser.add_argument("--service", default=DEFAULT_SERVICE,
+                        help="what `bentoml serve` runs (import string or bento tag)")
     parser.add_argument("--tiny-model", action="store_true",
                         help="serve the tiny test model from a temporary BENTOML_HOME (no trained model needed)")
     parser.add_argument("--model-home", help="serve a copy of room_classifier:latest from this BentoML home "
                         "(copied into a temporary home; default: the model of the current BENTOML_HOME)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder with extra/<source>/<class>/")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="shared data folder with extra/<source>/<class>/")
     parser.add_argument("--photos", type=int, default=48, help="distinct photos to cycle through")
     parser.add_argument("--sizes", default="640x480,1600x1200", help="comma-separated WxH JPEG sizes")
     parser.add_argument("--clients", type=int, default=8, help="concurrent client threads")
