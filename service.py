@@ -46,6 +46,9 @@ logger = logging.getLogger("bentoml.service.room_classifier")
 
 CONFIG = ServiceConfig.from_env()
 MODEL = bentoml.models.BentoModel(CONFIG.model_tag)
+CLASSIFY_ROUTES = ("/classify", "/classify_batch")
+HEALTH_ROUTES = ("/", "/health")
+FILE_FIELDS = ("image", "images")
 
 
 def explain_missing_model(tag: str) -> None:
@@ -58,9 +61,6 @@ def explain_missing_model(tag: str) -> None:
 
 
 explain_missing_model(CONFIG.model_tag)
-CLASSIFY_ROUTES = ("/classify", "/classify_batch")
-HEALTH_ROUTES = ("/", "/health")
-FILE_FIELDS = ("image", "images")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ class Classification(BaseModel):
 class BatchItem(BaseModel):
     """One image of a classify_batch request: `result` or `error`, never both."""
 
-    input: str = Field(description="which input this is: image_urls[i] or images[i] (file name)")
+    input: str = Field(description="which input this is: image_urls[i] or images[i]")
     result: Optional[Classification] = None
     error: Optional[ErrorDetail] = None
 

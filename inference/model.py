@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 ONNX_FILENAME = "model.onnx"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-CORE_KEYS = ("labels", "preprocessing", "temperature", "architecture")
+CORE_KEYS = ("tag", "labels", "preprocessing", "temperature", "architecture")
 
 
 @dataclass(frozen=True)

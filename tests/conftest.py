@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
 
+import psutil
 import pytest
 import requests
 from PIL import Image
@@ -118,15 +118,22 @@ def wait_for(server: Server, path: str) -> None:
 
 
 def stop_server(server: Server) -> None:
-    """Stop the server's whole process group (it was started in its own session)."""
+    """SIGTERM the server (BentoML's arbiter stops its workers); SIGKILL it and its workers if it hangs.
+
+    The workers run in process groups of their own, so they are found as children, by PID, first.
+    """
     if not server.alive():
         return
-    os.killpg(server.process.pid, signal.SIGTERM)
+    workers = psutil.Process(server.process.pid).children(recursive=True)
+    server.process.terminate()
     try:
         server.process.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.kill()
         server.process.wait(timeout=10)
+    for worker in workers:
+        if worker.is_running():
+            worker.kill()
 
 
 @pytest.fixture(scope="session")
