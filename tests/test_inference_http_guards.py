@@ -1,0 +1,99 @@
+"""The ASGI guards on their own: error envelopes, load shedding, body limits, file-field checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from starlette.datastructures import UploadFile
+
+from inference.http_guards import (LoadSheddingMiddleware, RequestGuardMiddleware, enveloped,
+                                   file_field_problem)
+
+
+def test_bentoml_and_starlette_error_bodies_get_our_envelope() -> None:
+    validation = json.dumps({"error": "1 validation error for Input", "detail": [
+        {"type": "greater_than_equal", "loc": ["top_k"], "msg": "Input should be greater than or equal to 1"}]})
+    body = enveloped(400, validation.encode())
+    assert body["error"]["code"] == "invalid_request"
+    assert body["error"]["message"] == "invalid request: top_k: Input should be greater than or equal to 1"
+    assert enveloped(415, b'[{"error": "pickle is not allowed"}]')["error"] == {
+        "code": "unsupported_media_type", "message": "pickle is not allowed"}
+    assert enveloped(404, b"Not Found")["error"] == {"code": "not_found", "message": "Not Found"}
+    assert enveloped(500, b"")["error"] == {"code": "internal_error", "message": "Internal Server Error"}
+    ours = {"error": {"code": "not_an_image", "message": "nope"}}
+    assert enveloped(415, json.dumps(ours).encode()) == ours
+
+
+def test_file_fields_must_be_real_files() -> None:
+    upload = UploadFile(file=None, filename="photo.jpg")  # type: ignore[arg-type]
+    assert file_field_problem([("images", upload), ("top_k", "3")], frozenset({"images"})) is None
+    assert "must be a file part" in file_field_problem([("images", "http://10.0.0.1/")], frozenset({"images"}))
+    long_name = UploadFile(file=None, filename="x" * 300)  # type: ignore[arg-type]
+    assert "longer than" in file_field_problem([("images", long_name)], frozenset({"images"}))
+
+
+class Recorder:
+    """An ASGI `send` that keeps what was sent."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+    @property
+    def status(self) -> int:
+        return self.messages[0]["status"]
+
+
+def http_scope(path: str = "/classify", headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+    return {"type": "http", "method": "POST", "path": path, "headers": headers or []}
+
+
+def test_load_shedding_answers_429_with_retry_after_beyond_the_limit() -> None:
+    release = asyncio.Event()
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def scenario() -> list[int]:
+        guard = LoadSheddingMiddleware(slow_app, max_concurrency=2, paths=["/classify"], retry_after_s=3)
+        recorders = [Recorder() for _ in range(4)]
+        tasks = [asyncio.create_task(guard(http_scope(), None, recorder)) for recorder in recorders[:2]]
+        await asyncio.sleep(0.01)
+        await guard(http_scope(), None, recorders[2])  # over the limit: answered at once
+        other_path = asyncio.create_task(guard(http_scope("/health"), None, recorders[3]))
+        release.set()
+        await asyncio.gather(*tasks, other_path)
+        assert (b"retry-after", b"3") in recorders[2].messages[0]["headers"]
+        assert guard.in_flight == 0
+        return [recorder.status for recorder in recorders]
+
+    assert asyncio.run(scenario()) == [200, 200, 429, 200]
+
+
+def test_request_guard_stops_bodies_over_the_limit_while_streaming() -> None:
+    reached_app = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached_app.append((await receive())["body"])
+
+    async def scenario(chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> int:
+        pending = [{"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1}
+                   for i, chunk in enumerate(chunks)]
+
+        async def receive() -> dict[str, Any]:
+            return pending.pop(0)
+
+        recorder = Recorder()
+        await RequestGuardMiddleware(app, max_body_bytes=10, file_fields=(), max_parts=4)(
+            http_scope(headers=headers), receive, recorder)
+        return recorder.status if recorder.messages else 0
+
+    assert asyncio.run(scenario([b"12345", b"678901"], [])) == 413  # no Content-Length: counted
+    assert asyncio.run(scenario([b"1"], [(b"content-length", b"99")])) == 413  # declared: not read
+    assert asyncio.run(scenario([b"12345", b"67890"], [])) == 0 and reached_app == [b"1234567890"]
