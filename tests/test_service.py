@@ -8,6 +8,9 @@ allow-list names that host, nothing else).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +23,7 @@ from PIL import Image
 
 from inference.decode import ImageLimits, decode_image
 from inference.model import OnnxClassifier
-from tests.conftest import ImageHost, Server, TinyModel, encode, noisy_image, real_photos, solid_jpeg
+from tests.conftest import REPO, ImageHost, Server, TinyModel, encode, noisy_image, real_photos, solid_jpeg
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0)}
 
@@ -244,3 +247,11 @@ def test_png_upload_with_jpg_name_is_classified_by_content(client: bentoml.SyncH
     disguised = tmp_path / "photo.jpg"
     disguised.write_bytes(encode(Image.new("RGB", (200, 150), (0, 255, 0)), "PNG"))
     assert client.classify(image=disguised)["class"] == "kitchen"
+
+
+def test_serving_code_never_imports_torch(tiny_model: TinyModel) -> None:
+    code = "import sys, service; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
+    env = {**os.environ, "BENTOML_HOME": str(tiny_model.home), "BENTOML_DO_NOT_TRACK": "true"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
