@@ -1,13 +1,22 @@
-# Room Classifier: one venv, one command per stage. `make all` runs the whole product, `make test` the tests.
+# Room Classifier: one venv, one command per stage.
+#   make all    set up, prepare the dataset, train + evaluate + register the model, build the bento
+#   make test   the default test suite;  make test-e2e  the slow end-to-end group (CI runs both)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data
 WEIGHTS ?= ../shared/weights
 OUT ?= artifacts
+PROFILE ?= default
+RUN_DIR ?= runs/$(PROFILE)
+PORT ?= 3000
 export TORCH_HOME ?= $(CURDIR)/.torch
+export BENTOML_DO_NOT_TRACK ?= true
+# Local base image and the host's extra CA certificates for machines without a registry (see scripts/container).
+LOCAL_BASE ?= localhost/bento-base:bookworm
+EXTRA_CA ?= /usr/local/share/ca-certificates
 
-.PHONY: setup dataset train bento all test test-e2e
+.PHONY: setup dataset train compare bento serve container-setup image run-image bench soak benchmark-data all test test-e2e
 
 setup: $(VENV)/.installed
 
@@ -20,7 +29,37 @@ $(VENV)/.installed: pyproject.toml
 dataset: setup
 	$(PY) -m data_prep --sunrgbd $(DATA)/SUNRGBD --extra $(DATA)/extra/places365 --extra $(DATA)/extra/house_rooms --out $(OUT)/dataset
 
-all: dataset
+train: setup
+	$(PY) -m training run --data $(OUT)/dataset --run-dir $(RUN_DIR) --profile $(PROFILE) --weights-dir $(WEIGHTS) --int8
+
+compare: setup
+	$(PY) -m training compare --data $(OUT)/dataset --run-dir runs/compare --weights-dir $(WEIGHTS)
+
+bento: setup
+	$(VENV)/bin/bentoml build
+
+serve: setup
+	$(VENV)/bin/bentoml serve service:RoomClassifier --port $(PORT)
+
+all: dataset train bento
+
+container-setup:
+	scripts/container/setup_podman.sh
+
+image: setup
+	RC_BASE_IMAGE=$(LOCAL_BASE) RC_EXTRA_CA_CERTS=$(EXTRA_CA) scripts/container/build_image.sh
+
+run-image:
+	scripts/container/run_container.sh $(IMAGE) $(PORT)
+
+bench: setup
+	$(PY) -m benchmarks.bench_service --json $(OUT)/bench.json --plot $(OUT)/bench.png
+
+soak: setup
+	$(PY) -m benchmarks.soak --json $(OUT)/soak.json --plot $(OUT)/soak.png
+
+benchmark-data: setup
+	$(PY) -m data_prep.benchmark
 
 test: setup
 	$(PY) -m pytest
