@@ -98,7 +98,11 @@ def start_server(home: Path, log_path: Path, wait_ready: bool = True, **settings
          "--port", str(port)],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
-    wait_for(server, "/readyz" if wait_ready else "/livez")
+    try:
+        wait_for(server, "/readyz" if wait_ready else "/livez")
+    except BaseException:  # never leave a server behind, whatever stopped the wait
+        stop_server(server)
+        raise
     return server
 
 
@@ -113,7 +117,6 @@ def wait_for(server: Server, path: str) -> None:
         except requests.RequestException:  # not listening yet, or too busy starting to answer
             pass
         time.sleep(0.25)
-    stop_server(server)
     pytest.fail(f"server not answering {path} after {READY_TIMEOUT_S}s:\n{server.log()[-6000:]}")
 
 
