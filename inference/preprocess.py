@@ -38,6 +38,7 @@ class Preprocessing:
 
 def resize_and_crop(image: Image.Image, config: Preprocessing) -> Image.Image:
     """Shorter side to `resize_size`, then the central `image_size` square (torchvision's eval transform)."""
+    image = trim_long_side(image)
     width, height = image.size
     scale = config.resize_size / min(width, height)
     new_w, new_h = max(config.image_size, round(width * scale)), max(config.image_size, round(height * scale))
@@ -45,6 +46,24 @@ def resize_and_crop(image: Image.Image, config: Preprocessing) -> Image.Image:
     left = int(round((new_w - config.image_size) / 2.0))
     top = int(round((new_h - config.image_size) / 2.0))
     return image.crop((left, top, left + config.image_size, top + config.image_size))
+
+
+def trim_long_side(image: Image.Image, max_aspect_ratio: float = 2.0) -> Image.Image:
+    """Centre-crop a very elongated image to `max_aspect_ratio` before resizing.
+
+    Only the central square survives the crop anyway; without this a 1x10000 strip would be resized to
+    256x2,560,000 pixels (gigabytes) on the way. Ordinary photos (up to 2:1) pass untouched.
+    """
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if long <= short * max_aspect_ratio:
+        return image
+    keep = int(short * max_aspect_ratio)
+    if width > height:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))
 
 
 def normalize(image: Image.Image, config: Preprocessing) -> np.ndarray:

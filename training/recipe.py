@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import random
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,11 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Float32, channels-last on `device`: depthwise convolutions run about twice as fast so on CPU."""
+    return batch.to(device).float().contiguous(memory_format=torch.channels_last)
+
+
 @torch.no_grad()
 def cache_stem_outputs(stem: nn.Module, dataset: ImageDataset, recipe: Recipe, seed: int, desc: str,
                        device: torch.device) -> torch.Tensor:
@@ -76,7 +82,8 @@ def cache_stem_outputs(stem: nn.Module, dataset: ImageDataset, recipe: Recipe, s
     loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size, shuffle=False,
                                          num_workers=recipe.workers, generator=generator,
                                          persistent_workers=False)
-    outputs = [stem(images.to(device)).half().cpu() for images, _ in tqdm(loader, desc=desc, unit="batch")]
+    outputs = [stem(to_device(images, device)).half().cpu().contiguous()
+               for images, _ in tqdm(loader, desc=desc, unit="batch")]
     return torch.cat(outputs)
 
 
@@ -95,7 +102,7 @@ def cache_views(stem: nn.Module, samples: list[Sample], recipe: Recipe, config: 
 @torch.no_grad()
 def predict_tail(tail: nn.Module, features: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
     tail.eval()
-    logits = [tail(features[i:i + batch_size].to(device).float()).cpu()
+    logits = [tail(to_device(features[i:i + batch_size], device)).cpu()
               for i in range(0, len(features), batch_size)]
     return torch.cat(logits).numpy()
 
@@ -117,7 +124,7 @@ def train_epoch(tail: nn.Module, train_cache: torch.Tensor, targets: torch.Tenso
     total, count = 0.0, 0
     batches = list(epoch_batches(train_cache.shape[1], train_cache.shape[0], recipe.batch_size, rng))
     for views, index in tqdm(batches, desc=desc, unit="batch", leave=False):
-        inputs = train_cache[views, index].to(device).float()
+        inputs = to_device(train_cache[views, index], device)
         loss = loss_fn(tail(inputs), targets[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,13 +152,15 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
 
 def train(data_root: Path, labels: list[str], recipe: Recipe, out_dir: Path, resume: bool = False) -> tuple[StemTail, dict]:
     """Fine-tune `recipe.arch` on `data_root`; return the best model (eval mode) and the training history."""
+    started = time.perf_counter()
     seed_everything(recipe.seed)
     device = pick_device()
     config = Preprocessing.from_dict(recipe.preprocessing)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
 
-    model = StemTail(build_backbone(recipe.arch, len(labels), recipe.pretrained), recipe.stem_cut()).to(device)
+    model = StemTail(build_backbone(recipe.arch, len(labels), recipe.pretrained), recipe.stem_cut())
+    model = model.to(device, memory_format=torch.channels_last)
     model.eval()
     set_trainable(model.stem, False)
 
@@ -227,8 +236,9 @@ def train(data_root: Path, labels: list[str], recipe: Recipe, out_dir: Path, res
             break
 
     model.tail.load_state_dict(best_tail)
-    model.cpu().eval()
+    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     history["best_val_macro_f1"] = best_f1
+    history["train_minutes"] = (time.perf_counter() - started) / 60
     (out_dir / "history.json").write_text(json.dumps(history, indent=2))
     return model, history
 
