@@ -76,7 +76,7 @@ def test_bentofile_packs_exactly_the_serving_dependencies():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert sorted(packages) == sorted(pyproject["project"]["dependencies"])
     names = {Requirement(package).name for package in packages}
-    assert names == {"bentoml", "onnxruntime", "numpy", "pillow", "requests"}  # no training stack
+    assert names == {"bentoml", "onnxruntime", "numpy", "pillow"}  # no training stack, nothing serving never imports
 
 
 def test_bentofile_includes_only_serving_code():
