@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from benchmarks.client_calls import classify_uploads, error_code_of
 from benchmarks.common import (DEFAULT_DATA, DEFAULT_SERVICE, BentoServer, find_room_photos, parse_size,
-                               percentiles_ms, read_batch_stats, write_jpegs)
+                               percentiles_ms, read_batch_stats, require_loopback_url, write_jpegs)
 from benchmarks.model_home import temporary_model_home
 
 
@@ -82,8 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--plot", type=Path, help="also draw images/s and p95 per run into this PNG")
     args = parser.parse_args(argv)
-    if args.url and not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
-        parser.error("--url must be a loopback address: this command only drives local servers")
+    require_loopback_url(parser, args.url)
     return args
 
 

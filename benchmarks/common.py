@@ -6,6 +6,8 @@ Everything talks to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import argparse
+
 import os
 import random
 import re
@@ -224,3 +226,9 @@ def read_batch_stats(url: str) -> BatchStats:
         else:
             stats.batches += float(value)
     return stats
+
+
+def require_loopback_url(parser: argparse.ArgumentParser, url: str | None) -> None:
+    """These commands only drive servers on this machine: refuse any other --url."""
+    if url and not url.startswith(("http://127.", "http://localhost", "http://[::1]")):
+        parser.error("--url must be a loopback address: this command only drives local servers")

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from benchmarks.client_calls import classify_uploads, classify_url, error_code_from_body, error_code_of
 from benchmarks.common import (DEFAULT_DATA, DEFAULT_SERVICE, BentoServer, find_room_photos, percentiles_ms,
-                               process_tree_rss, write_jpegs)
+                               process_tree_rss, require_loopback_url, write_jpegs)
 from benchmarks.model_home import temporary_model_home
 
 SHED = {"429 overloaded", "503 model_overloaded", "429", "503"}
@@ -392,8 +392,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the summary as JSON here")
     parser.add_argument("--plot", type=Path, help="also draw latency over time and RSS into this PNG")
     args = parser.parse_args(argv)
-    if args.url and not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
-        parser.error("--url must be a loopback address: this command only drives local servers")
+    require_loopback_url(parser, args.url)
     return args
 
 
