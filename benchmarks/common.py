@@ -7,7 +7,6 @@ Everything talks to 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
-
 import os
 import random
 import re
