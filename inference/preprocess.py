@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from inference.decode import DEFAULT_LIMITS, ImageLimits, decode_image
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -82,3 +84,11 @@ def preprocess_batch(images: Sequence[Image.Image], config: Preprocessing) -> np
     """RGB images -> float32 array of shape (N, 3, image_size, image_size)."""
     return np.stack([preprocess(image, config) for image in images]) if images else np.zeros(
         (0, 3, config.image_size, config.image_size), dtype=np.float32)
+
+
+def bytes_to_input(data: bytes, config: Preprocessing, limits: ImageLimits = DEFAULT_LIMITS,
+                   jpeg_draft: bool = True) -> np.ndarray:
+    """Untrusted image bytes -> model input, exactly as the service does it: the hardened decoder (large
+    JPEGs decoded at reduced scale, never below `resize_size`, when `jpeg_draft`), then `preprocess`."""
+    min_size = config.resize_size if jpeg_draft else None
+    return preprocess(decode_image(data, limits, min_size=min_size), config)

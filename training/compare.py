@@ -31,13 +31,19 @@ def compare_one(data: Path, run_dir: Path, recipe: Recipe) -> dict[str, Any]:
             "train_minutes": minutes}
 
 
+def format_cell(column: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if "accuracy" in column or "f1" in column else f"{value:.2f}"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['arch']} | " + f"not run: {row['error']} |")
             continue
-        cells = [row["arch"]] + [f"{row[c]:.4f}" if "accuracy" in c or "f1" in c else f"{row[c]:.2f}" for c in COLUMNS[1:]]
+        cells = [row["arch"]] + [format_cell(column, row[column]) for column in COLUMNS[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -53,6 +59,7 @@ def compare(data: Path, out_dir: Path, archs: list[str], recipe: Recipe) -> list
             rows.append({"arch": arch, "error": "ImageNet weights unavailable offline"})
         (out_dir / "compare.json").write_text(json.dumps(rows, indent=2))
     table = format_table(rows)
-    (out_dir / "compare.md").write_text("# Backbone comparison (same split, same recipe)\n\n" + table + "\n")
+    (out_dir / "compare.md").write_text("# Backbone comparison (same split, same recipe)\n\nChoose on the val "
+                                        "columns; the test columns only report.\n\n" + table + "\n")
     print(table)
     return rows

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
+from inference.decode import decode_image
 from inference.preprocess import Preprocessing, preprocess
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif"}  # what the service decodes
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,8 @@ def train_augmentation(config: Preprocessing) -> T.Compose:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """The service's own decoder (EXIF orientation, transparency on white, CMYK, 16-bit), full resolution."""
+    return decode_image(path.read_bytes())
 
 
 class ImageDataset(torch.utils.data.Dataset):

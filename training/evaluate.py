@@ -19,8 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from inference.decode import decode_image  # noqa: E402
-from inference.preprocess import Preprocessing, preprocess  # noqa: E402
+from inference.preprocess import Preprocessing, bytes_to_input  # noqa: E402
 from training.data import Sample  # noqa: E402
 from training.metrics import (calibration_bins, classification_report, fit_temperature,  # noqa: E402
                               negative_log_likelihood, softmax)
@@ -29,8 +28,8 @@ LogitsFn = Callable[[np.ndarray], np.ndarray]
 
 
 def load_input(sample: Sample, config: Preprocessing) -> np.ndarray:
-    """Exactly what the service does with an uploaded file: decode the bytes, then preprocess."""
-    return preprocess(decode_image(sample.path.read_bytes()), config)
+    """Exactly what the service does with an uploaded file (default settings): decode the bytes, preprocess."""
+    return bytes_to_input(sample.path.read_bytes(), config)
 
 
 def predict_logits(logits_fn: LogitsFn, samples: list[Sample], config: Preprocessing, desc: str,

@@ -6,15 +6,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+from inference.model import create_session
 
 
 def measure_latency_ms(onnx_path: Path, image_size: int, batch_sizes: tuple[int, ...] = (1, 16),
                        threads: int = 2, repeats: int = 20) -> dict[str, float]:
     """Median wall time of one `session.run` per batch size, after warm-up, in milliseconds."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = create_session(onnx_path, threads, onnx_path.name)
     input_name = session.get_inputs()[0].name
     results = {}
     for batch_size in batch_sizes:
