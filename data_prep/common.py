@@ -16,8 +16,9 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_RATIO: tuple[float, float, float] = (0.7, 0.2, 0.1)
 SUNRGBD_SOURCE = "sunrgbd"
 
-# What torchvision's ImageFolder loads; other files in an extra tree are listed as dropped.
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# The formats the service accepts (inference.decode's allow-list): training on photos the product refuses to
+# serve would be pointless. Other files in an extra tree are listed as dropped.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 
 # Reasons an image is dropped, in the order the checks run.
 REASONS: tuple[str, ...] = (

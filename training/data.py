@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
+from data_prep.common import IMAGE_EXTENSIONS
 from inference.decode import decode_image
 from inference.preprocess import Preprocessing, preprocess
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif"}  # what the service decodes
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def list_samples(root: Path, split: str, labels: list[str], max_per_class: int |
     """Every image of `split`, in a stable order; at most `max_per_class` per class (the quick profile)."""
     samples = []
     for index, label in enumerate(labels):
-        files = sorted(p for p in (root / split / label).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in (root / split / label).glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         samples += [Sample(path, index) for path in files[:max_per_class]]
     return samples
 
