@@ -10,8 +10,13 @@
 - the connection goes to the address that was vetted (the TLS certificate and the Host header still
   use the host name), so DNS cannot answer differently between check and use (no rebinding window);
 - redirects are followed by hand, at most `max_redirects`, and every hop is vetted like the first;
-- connect, per-read and total timeouts; the body is read in chunks and the download stops as soon as it
-  passes `max_bytes` (a declared Content-Length over the limit stops it before reading);
+- connect, per-read and total timeouts. The total deadline covers everything: DNS runs in a worker
+  thread that is abandoned at the deadline (getaddrinfo has no timeout of its own), and a watchdog timer
+  shuts the socket down at the deadline wherever http.client is blocked (TLS handshake, status and
+  header lines dripped a byte at a time, endless `100 Continue`, an endless chunked trailer). Without it
+  a hostile server could hold a worker thread, and so a concurrency slot, forever;
+- the body is read in chunks and the download stops as soon as it passes `max_bytes` (a declared
+  Content-Length over the limit stops it before reading);
 - the response's Content-Type is ignored: the caller checks the bytes themselves (`decode_image`).
 
 `UrlPolicy.allowlist` holds trusted host names (exact match) and networks (CIDR) for private
@@ -26,7 +31,10 @@ import ipaddress
 import re
 import socket
 import ssl
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 from urllib.parse import urljoin, urlsplit
@@ -44,6 +52,8 @@ USER_AGENT = "room-classifier/0.1 (+image fetch)"
 _NUMERIC_HOST = re.compile(r"^[0-9a-fA-FxX.]+$")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
+# Lookups run here so they can be abandoned at the deadline; a few stuck ones cannot starve the service.
+_RESOLVER_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch-dns")
 
 
 @dataclass(frozen=True)
@@ -99,12 +109,24 @@ def fetch_url(url: str, policy: UrlPolicy, resolver: Resolver = system_resolver)
     """Vet and download `url` following at most `policy.max_redirects` vetted redirects."""
     deadline = time.monotonic() + policy.total_timeout_s
     for _ in range(policy.max_redirects + 1):
-        target = vet_url(url, policy, resolver)
+        target = vet_url(url, policy, resolver_with_deadline(resolver, deadline))
         location, body = request_once(target, policy, deadline)
         if location is None:
             return body
         url = urljoin(target.url, location)
     raise InputError("too_many_redirects", f"more than {policy.max_redirects} redirects")
+
+
+def resolver_with_deadline(resolver: Resolver, deadline: float) -> Resolver:
+    """`resolver`, but giving up with fetch_timeout at `deadline` (the lookup thread is left to finish)."""
+    def resolve_in_time(host: str, port: int) -> list[str]:
+        future = _RESOLVER_POOL.submit(resolver, host, port)
+        try:
+            return future.result(timeout=remaining(deadline))
+        except FutureTimeout:
+            future.cancel()
+            raise InputError("fetch_timeout", f"resolving {host} took longer than the total time limit") from None
+    return resolve_in_time
 
 
 def vet_url(url: str, policy: UrlPolicy, resolver: Resolver = system_resolver) -> Target:
@@ -227,33 +249,97 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | Non
     return None
 
 
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """HTTP connection to a fixed, already vetted address; Host header from the URL's host."""
+class Watchdog:
+    """Shuts the watched socket down at the deadline, so no blocking call inside http.client outlives it.
 
-    def __init__(self, target: Target, timeout: float) -> None:
-        super().__init__(target.host, target.port, timeout=timeout)
-        self._address = target.address
+    Per-read timeouts cannot bound a server that sends a byte just before each one runs out; shutting
+    the socket down from a timer thread makes the blocked call return at once, wherever it is.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.fired = False
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._stopped = False
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Watch `sock` from now on (the TLS socket replaces the TCP one it wraps)."""
+        with self._lock:
+            self._sock = sock
+            if self.fired:
+                _shut_down(sock)
+
+    def check(self) -> None:
+        """Raise fetch_timeout if the deadline cut the connection (what was read may look complete)."""
+        if self.fired:
+            raise InputError("fetch_timeout", "the download took longer than the total time limit")
+
+    def stop(self) -> None:
+        """Before the socket is closed: its file descriptor may be reused by another socket afterwards."""
+        self._timer.cancel()
+        with self._lock:
+            self._stopped = True
+            self._sock = None
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self.fired = True
+            if self._sock is not None:
+                _shut_down(self._sock)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    """Plain socket shutdown, also for TLS sockets (whose own shutdown() would change their state)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed or never connected
+
+
+def open_socket(target: Target, policy: UrlPolicy, deadline: float, watchdog: Watchdog) -> socket.socket:
+    """Connect to the vetted address, watched from the start; TLS (when https) against the URL's host."""
+    sock = socket.create_connection((target.address, target.port), min(policy.connect_timeout_s, remaining(deadline)))
+    watchdog.watch(sock)
+    if target.scheme != "https":
+        return sock
+    tls = ssl.create_default_context().wrap_socket(sock, server_hostname=target.host, do_handshake_on_connect=False)
+    watchdog.watch(tls)
+    tls.do_handshake()
+    return tls
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """HTTP connection whose socket comes from `open_socket` (vetted address); Host header from the URL."""
+
+    def __init__(self, target: Target, opener: Callable[[], socket.socket]) -> None:
+        super().__init__(target.host, target.port)
+        self._opener = opener
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._opener()
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to a fixed, vetted address; the certificate is still checked against the URL's host."""
+    """HTTPS connection whose socket, TLS included, comes from `open_socket`."""
 
-    def __init__(self, target: Target, timeout: float) -> None:
-        super().__init__(target.host, target.port, timeout=timeout, context=ssl.create_default_context())
-        self._address = target.address
+    def __init__(self, target: Target, opener: Callable[[], socket.socket]) -> None:
+        super().__init__(target.host, target.port)
+        self._opener = opener
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self._opener()
 
 
 def request_once(target: Target, policy: UrlPolicy, deadline: float) -> tuple[str | None, bytes]:
     """One GET. Returns (redirect location, b"") for a redirect, else (None, body)."""
+    watchdog = Watchdog(deadline)
     connection_type = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
-    connection = connection_type(target, timeout=min(policy.connect_timeout_s, remaining(deadline)))
+    connection = connection_type(target, lambda: open_socket(target, policy, deadline, watchdog))
     try:
         connection.connect()
         sock = connection.sock  # http.client may drop its reference once the response owns the socket
@@ -261,6 +347,7 @@ def request_once(target: Target, policy: UrlPolicy, deadline: float) -> tuple[st
         connection.request("GET", target.path, headers={
             "User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"})
         response = connection.getresponse()
+        watchdog.check()
         if response.status in REDIRECT_STATUSES:
             location = response.getheader("Location")
             if not location:
@@ -268,17 +355,24 @@ def request_once(target: Target, policy: UrlPolicy, deadline: float) -> tuple[st
             return location, b""
         if response.status != 200:
             raise InputError("fetch_failed", f"{target.host} answered HTTP {response.status} {response.reason}")
-        return None, read_limited(response, sock, policy, deadline)
-    except InputError:
-        raise
-    except (socket.timeout, TimeoutError):
-        raise InputError("fetch_timeout", f"{target.host} did not answer in time") from None
-    except ssl.SSLError as exc:
-        raise InputError("fetch_failed", f"TLS with {target.host} failed ({exc.reason or exc})") from None
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise InputError("fetch_failed", f"cannot download from {target.host} ({type(exc).__name__}: {exc})") from None
+        body = read_limited(response, sock, policy, deadline)
+        watchdog.check()
+        return None, body
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # socket.timeout and SSLError included
+        watchdog.check()  # whatever failed, a cut at the deadline is a timeout
+        raise fetch_error(exc, target) from None
     finally:
+        watchdog.stop()
         connection.close()
+
+
+def fetch_error(exc: Exception, target: Target) -> InputError:
+    """The stable code for a failed connection, TLS handshake or HTTP exchange."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return InputError("fetch_timeout", f"{target.host} did not answer in time")
+    if isinstance(exc, ssl.SSLError):
+        return InputError("fetch_failed", f"TLS with {target.host} failed ({exc.reason or exc})")
+    return InputError("fetch_failed", f"cannot download from {target.host} ({type(exc).__name__}: {exc})")
 
 
 def read_limited(response: http.client.HTTPResponse, sock: socket.socket, policy: UrlPolicy,

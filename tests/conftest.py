@@ -170,6 +170,16 @@ class ImageHost:
         return self.url(f"/img/{name}")
 
 
+# Misbehaving endpoints stop after this long, so a client without a total deadline fails a test instead of
+# hanging it.
+MISBEHAVE_FOR_S = 8.0
+# path -> (what is sent first, what is then sent again and again, one piece every 0.2 s)
+SLOW_HEADER_REPLIES = {
+    "/drip-headers": (b"HTTP/1.1 200 OK\r\nX-Slow: ", b"a"),  # one endless header line, a byte at a time
+    "/continue-forever": (b"", b"HTTP/1.1 100 Continue\r\n\r\n"),  # http.client skips these in a loop
+}
+
+
 def make_handler(host: ImageHost) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
@@ -217,6 +227,12 @@ def make_handler(host: ImageHost) -> type[BaseHTTPRequestHandler]:
                 chunk = b"\x00" * 65536
                 for _ in range(100_000):
                     self.wfile.write(chunk)
+            elif path in SLOW_HEADER_REPLIES:  # every byte within the read timeout, never a full answer
+                self.drip(*SLOW_HEADER_REPLIES[path])
+            elif path == "/trailer-flood":  # a tiny chunked body, then trailer lines that never end
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n")
+                line = b"X-Trailer: " + b"t" * 60_000 + b"\r\n"
+                self.drip(b"", line, pause_s=0.01)
             elif path == "/huge-declared":
                 self.send_response(200)
                 self.send_header("Content-Length", str(10**12))
@@ -225,6 +241,16 @@ def make_handler(host: ImageHost) -> type[BaseHTTPRequestHandler]:
                 self.reply(int(path.rsplit("/", 1)[1]), b"no image here")
             else:
                 self.reply(404, b"not found")
+
+        def drip(self, opening: bytes, piece: bytes, pause_s: float = 0.2, for_s: float = MISBEHAVE_FOR_S) -> None:
+            """Send `opening`, then `piece` every `pause_s` for `for_s` seconds (then give up and close)."""
+            self.close_connection = True
+            self.wfile.write(opening)
+            stop = time.monotonic() + for_s
+            while time.monotonic() < stop:
+                self.wfile.write(piece)
+                self.wfile.flush()
+                time.sleep(pause_s)
 
         def reply(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
             self.send_response(status)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import socketserver
+import threading
 import time
+from typing import Iterator
 
 import pytest
 
 from inference.errors import InputError
 from inference.fetch import UrlPolicy, blocked_reason, fetch_url, parse_ip_literal, vet_url
-from tests.conftest import ImageHost
+from tests.conftest import MISBEHAVE_FOR_S, ImageHost
 
 PUBLIC = "93.184.216.34"
 
@@ -161,3 +164,52 @@ def test_http_errors_and_refused_connections(image_host: ImageHost) -> None:
     assert fetch_code(image_host.url("/status/500")) == "fetch_failed"
     assert fetch_code("http://localhost:1/x.jpg") == "fetch_failed"
     assert fetch_code(image_host.url("/img/red.jpg").replace("http://", "https://")) == "fetch_failed"
+
+
+def within_total_timeout(url: str, resolver=None) -> str:
+    """The refusal code of `url`, asserting it came within the total timeout (plus scheduling slack)."""
+    started = time.monotonic()
+    with pytest.raises(InputError) as caught:
+        fetch_url(url, LOCAL, *([resolver] if resolver else []))
+    assert time.monotonic() - started < LOCAL.total_timeout_s + 1.0, url
+    return caught.value.code
+
+
+@pytest.mark.parametrize("path", ["/drip-headers", "/continue-forever", "/trailer-flood"])
+def test_total_timeout_holds_while_headers_or_trailers_drip(image_host: ImageHost, path: str) -> None:
+    # each byte comes well within the read timeout; only the total deadline can stop these
+    assert within_total_timeout(image_host.url(path)) == "fetch_timeout"
+
+
+@pytest.fixture(scope="module")
+def tls_dripper() -> Iterator[int]:
+    """A loopback TCP server that starts a TLS record and sends one byte of it every 0.2 s."""
+    class Drip(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            stop = time.monotonic() + MISBEHAVE_FOR_S
+            try:
+                self.request.sendall(b"\x16\x03\x03\x40\x00")  # handshake record of 16 KiB follows...
+                while time.monotonic() < stop:
+                    self.request.sendall(b"\x00")
+                    time.sleep(0.2)
+            except OSError:
+                pass  # the client gave up
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_total_timeout_holds_during_a_dripping_tls_handshake(tls_dripper: int) -> None:
+    assert within_total_timeout(f"https://localhost:{tls_dripper}/x.jpg") == "fetch_timeout"
+
+
+def test_slow_dns_counts_against_the_total_timeout() -> None:
+    def slow_resolver(host: str, port: int) -> list[str]:
+        time.sleep(LOCAL.total_timeout_s + 2.0)
+        return ["127.0.0.1"]
+
+    assert within_total_timeout("http://localhost:1/x.jpg", slow_resolver) == "fetch_timeout"
