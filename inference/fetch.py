@@ -9,7 +9,9 @@
   decimal/octal/hex spellings of IPv4 (`2130706433`, `0177.0.0.1`, `0x7f000001`);
 - the connection goes to the address that was vetted (the TLS certificate and the Host header still
   use the host name), so DNS cannot answer differently between check and use (no rebinding window);
-- redirects are followed by hand, at most `max_redirects`, and every hop is vetted like the first;
+- if the host has several (all vetted) addresses, the next one is tried when connecting to one fails;
+- redirects are followed by hand, at most `max_redirects`, and every hop is vetted like the first; an
+  https URL never redirects to plain http (`url_scheme_not_allowed`);
 - connect, per-read and total timeouts. The total deadline covers everything: DNS runs in a worker
   thread that is abandoned at the deadline (getaddrinfo has no timeout of its own), and a watchdog timer
   shuts the socket down at the deadline wherever http.client is blocked (TLS handshake, status and
@@ -26,6 +28,7 @@ deployments; a trusted host or network skips the address check, nothing else. It
 
 from __future__ import annotations
 
+import functools
 import http.client
 import ipaddress
 import re
@@ -89,14 +92,19 @@ class UrlPolicy:
 
 @dataclass(frozen=True)
 class Target:
-    """A vetted URL: connect to `address`, but speak to `host` (SNI, certificate, Host header)."""
+    """A vetted URL: connect to one of `addresses`, but speak to `host` (SNI, certificate, Host header)."""
 
     url: str
     scheme: str
     host: str
     port: int
     path: str
-    address: str
+    addresses: tuple[str, ...]
+
+    @property
+    def address(self) -> str:
+        """The first vetted address, the one tried first."""
+        return self.addresses[0]
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -114,7 +122,15 @@ def fetch_url(url: str, policy: UrlPolicy, resolver: Resolver = system_resolver)
         if location is None:
             return body
         url = urljoin(target.url, location)
+        refuse_downgrade(target, url)
     raise InputError("too_many_redirects", f"more than {policy.max_redirects} redirects")
+
+
+def refuse_downgrade(target: Target, next_url: str) -> None:
+    """An https page must not send us to plain http: the image would travel unprotected."""
+    if target.scheme == "https" and urlsplit(next_url).scheme.lower() == "http":
+        raise InputError("url_scheme_not_allowed",
+                         f"{target.host} redirected from https to http; a downgrade to plain http is refused")
 
 
 def resolver_with_deadline(resolver: Resolver, deadline: float) -> Resolver:
@@ -143,7 +159,8 @@ def vet_url(url: str, policy: UrlPolicy, resolver: Resolver = system_resolver) -
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Target(url=url, scheme=parts.scheme, host=host, port=port, path=path, address=str(addresses[0]))
+    return Target(url=url, scheme=parts.scheme, host=host, port=port, path=path,
+                  addresses=tuple(str(address) for address in addresses))
 
 
 def split_url(url: str, policy: UrlPolicy):  # -> urllib.parse.SplitResult
@@ -301,16 +318,34 @@ def _shut_down(sock: socket.socket) -> None:
         pass  # already closed or never connected
 
 
+@functools.lru_cache(maxsize=1)
+def tls_context() -> ssl.SSLContext:
+    """One verifying TLS context for every request: building one reads the CA bundle (milliseconds)."""
+    return ssl.create_default_context()
+
+
 def open_socket(target: Target, policy: UrlPolicy, deadline: float, watchdog: Watchdog) -> socket.socket:
-    """Connect to the vetted address, watched from the start; TLS (when https) against the URL's host."""
-    sock = socket.create_connection((target.address, target.port), min(policy.connect_timeout_s, remaining(deadline)))
+    """Connect to a vetted address, watched from the start; TLS (when https) against the URL's host."""
+    sock = connect_any(target, policy, deadline)
     watchdog.watch(sock)
     if target.scheme != "https":
         return sock
-    tls = ssl.create_default_context().wrap_socket(sock, server_hostname=target.host, do_handshake_on_connect=False)
+    tls = tls_context().wrap_socket(sock, server_hostname=target.host, do_handshake_on_connect=False)
     watchdog.watch(tls)
     tls.do_handshake()
     return tls
+
+
+def connect_any(target: Target, policy: UrlPolicy, deadline: float) -> socket.socket:
+    """Connect to the first vetted address that accepts: one dead address of a host must not fail it."""
+    failure: OSError | None = None
+    for address in target.addresses:
+        try:
+            return socket.create_connection((address, target.port), min(policy.connect_timeout_s, remaining(deadline)))
+        except OSError as exc:
+            failure = exc
+    assert failure is not None  # vet_url never returns a target without addresses
+    raise failure
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
@@ -328,7 +363,7 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     """HTTPS connection whose socket, TLS included, comes from `open_socket`."""
 
     def __init__(self, target: Target, opener: Callable[[], socket.socket]) -> None:
-        super().__init__(target.host, target.port)
+        super().__init__(target.host, target.port, context=tls_context())  # else it builds one per request
         self._opener = opener
 
     def connect(self) -> None:

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import socketserver
+import ssl
+import subprocess
 import threading
 import time
-from typing import Iterator
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
 from inference.errors import InputError
+from inference import fetch
 from inference.fetch import UrlPolicy, blocked_reason, fetch_url, parse_ip_literal, vet_url
-from tests.conftest import MISBEHAVE_FOR_S, ImageHost
+from tests.conftest import MISBEHAVE_FOR_S, ImageHost, make_handler, solid_jpeg
 
 PUBLIC = "93.184.216.34"
 
@@ -213,3 +219,68 @@ def test_slow_dns_counts_against_the_total_timeout() -> None:
         return ["127.0.0.1"]
 
     assert within_total_timeout("http://localhost:1/x.jpg", slow_resolver) == "fetch_timeout"
+
+
+# ---- several addresses, one TLS context, no https -> http downgrade --------------------------------------
+
+
+def test_the_next_vetted_address_is_tried_when_the_first_refuses(image_host: ImageHost) -> None:
+    # the image host listens on 127.0.0.1 only, so 127.0.0.2 (loopback too) refuses the connection
+    two = resolver_for({"localhost": ["127.0.0.2", "127.0.0.1"]})
+    assert fetch_url(image_host.url("/img/red.jpg"), LOCAL, two) == image_host.files["red.jpg"]
+
+
+def test_tls_context_is_built_once_not_per_request(image_host: ImageHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    https = image_host.url("/img/red.jpg").replace("http://", "https://")
+    fetch_code(https)  # the context may be built (once) on first use
+    created = []
+    original_new = ssl.SSLContext.__new__
+
+    def counting_new(cls: type, *args: Any, **kwargs: Any) -> ssl.SSLContext:
+        created.append(cls)
+        return original_new(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "__new__", counting_new)
+    for _ in range(2):  # the image host speaks plain HTTP: TLS fails, after the context was used
+        assert fetch_code(https) == "fetch_failed"
+    assert created == []
+
+
+@pytest.fixture(scope="module")
+def tls_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ImageHost, ssl.SSLContext]]:
+    """An HTTPS image host on 127.0.0.1 with a throw-away certificate for `localhost`, and a client
+    context that trusts exactly that certificate."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    host = ImageHost(port=0)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(host))
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    httpd.socket = server_context.wrap_socket(httpd.socket, server_side=True)
+    httpd.daemon_threads = True
+    host.port = httpd.server_address[1]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    host.add("red.jpg", solid_jpeg((255, 0, 0)))
+    yield host, ssl.create_default_context(cafile=str(cert))
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_https_is_fetched_and_an_https_to_http_redirect_is_refused(
+        tls_host: tuple[ImageHost, ssl.SSLContext], image_host: ImageHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    host, trusting = tls_host
+    monkeypatch.setattr(fetch, "tls_context", lambda: trusting)
+    secure = host.url("/img/red.jpg").replace("http://", "https://")
+    assert fetch_url(secure, LOCAL) == host.files["red.jpg"]
+    assert fetch_url(host.url("/redirect?to=" + secure).replace("http://", "https://", 1), LOCAL) == host.files["red.jpg"]
+    before = image_host.hits.get("/img/red.jpg", 0)
+    downgrade = host.url("/redirect?to=" + image_host.url("/img/red.jpg")).replace("http://", "https://", 1)
+    with pytest.raises(InputError) as caught:
+        fetch_url(downgrade, LOCAL)
+    assert caught.value.code == "url_scheme_not_allowed" and "https to http" in caught.value.message
+    assert image_host.hits.get("/img/red.jpg", 0) == before  # the plain-HTTP hop was never requested
