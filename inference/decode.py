@@ -36,6 +36,7 @@ from inference.errors import InputError
 logger = logging.getLogger(__name__)
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+HIGH_BIT_DEPTH_TILE_PIXELS = 1 << 18  # pixels scaled at a time (2 MB of float64)
 
 # Signatures of image formats that Pillow may know but that are not on the allow-list, so the answer can
 # say "unsupported format" instead of "not an image".
@@ -171,17 +172,31 @@ def high_bit_depth_to_l(image: Image.Image) -> Image.Image:
 
     16-bit modes span 0..65535. 32-bit 'I'/'F' images (16-bit PNGs open as 'I') are read as 8-bit when
     their values fit 0..255, as 16-bit when they fit 0..65535, else scaled by their maximum.
+    The scaling runs tile by tile: float64 copies of a whole 40 M pixel image would take gigabytes.
     """
-    values = np.asarray(image, dtype=np.float64)
-    peak = float(values.max(initial=0.0))
-    if image.mode.startswith("I;16") or 255.0 < peak <= 65535.0:
-        top = 65535.0
-    elif peak <= 255.0:
-        top = 255.0
-    else:
-        top = peak
-    scaled = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
-    return Image.fromarray(scaled)  # 2-D uint8 -> mode "L"
+    scale = 255.0 / value_range_top(image)
+    width, height = image.size
+    tile_width = min(width, HIGH_BIT_DEPTH_TILE_PIXELS)
+    tile_height = max(1, HIGH_BIT_DEPTH_TILE_PIXELS // tile_width)
+    out = np.empty((height, width), dtype=np.uint8)
+    for top in range(0, height, tile_height):
+        for left in range(0, width, tile_width):
+            box = (left, top, min(width, left + tile_width), min(height, top + tile_height))
+            tile = np.asarray(image.crop(box), dtype=np.float64)
+            tile *= scale
+            np.clip(tile, 0, 255, out=tile)
+            out[box[1]:box[3], box[0]:box[2]] = np.round(tile, out=tile)
+    return Image.fromarray(out)  # 2-D uint8 -> mode "L"
+
+
+def value_range_top(image: Image.Image) -> float:
+    """The value that becomes 255 (see `high_bit_depth_to_l`), read without copying the pixels."""
+    if image.mode.startswith("I;16"):
+        return 65535.0
+    peak = float(image.getextrema()[1])
+    if peak <= 255.0:
+        return 255.0
+    return 65535.0 if peak <= 65535.0 else peak
 
 
 def composite_on_white(image: Image.Image) -> Image.Image:

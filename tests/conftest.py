@@ -311,12 +311,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def png_bomb(width: int, height: int) -> bytes:
+def png_bomb(width: int, height: int, bit_depth: int = 8) -> bytes:
     """A real decompression bomb: a valid grayscale PNG of zeros, tiny compressed, huge decoded."""
     compressor = zlib.compressobj(9)
-    row = b"\x00" * (width + 1)  # filter byte + pixels
+    row = b"\x00" * (width * bit_depth // 8 + 1)  # filter byte + pixels
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 

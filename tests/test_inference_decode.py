@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from inference.decode import ImageLimits, decode_image
+from inference.decode import ImageLimits, decode_image, high_bit_depth_to_l
 from inference.errors import InputError, http_status
 from tests.conftest import (animated_gif, encode, exif_rotated_jpeg, gif_with_huge_screen, jpeg_with_huge_header,
                             noisy_image, png_bomb, png_with_huge_header, sixteen_bit_png, solid_jpeg, truncated)
@@ -49,6 +51,34 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped() -> None:
     row = np.asarray(decode_image(sixteen_bit_png()))[0, :, 0]
     assert row[0] == 0 and row[-1] == 255
     assert 120 <= row[len(row) // 2] <= 135  # the middle of the ramp is mid-gray, not white
+
+
+@pytest.mark.parametrize("mode, values, expected", [
+    ("I", [0, 100, 255], [0, 100, 255]),  # fits 0..255: read as 8-bit
+    ("I", [0, 257, 65535], [0, 1, 255]),  # fits 0..65535: read as 16-bit
+    ("I", [0, 500_000, 1_000_000], [0, 128, 255]),  # larger: scaled by its maximum
+    ("F", [0.0, 127.5, 255.0], [0, 128, 255]),
+    ("I;16", [0, 32896, 65535], [0, 128, 255]),
+])
+def test_high_bit_depth_values_are_scaled_to_8_bit(mode: str, values: list[float], expected: list[int]) -> None:
+    image = Image.new(mode, (len(values), 1))
+    for x, value in enumerate(values):
+        image.putpixel((x, 0), value)
+    converted = high_bit_depth_to_l(image)
+    assert converted.mode == "L" and np.asarray(converted)[0].tolist() == expected
+
+
+@pytest.mark.parametrize("width, height", [(4000, 4000), (16_000_000, 1)])
+def test_high_bit_depth_conversion_stays_near_the_8_bit_size(width: int, height: int) -> None:
+    data = png_bomb(width, height, bit_depth=16)  # ~30 KB of zeros, 16 M pixels of 16-bit gray
+    tracemalloc.start()  # sees NumPy's allocations (Pillow's own image memory is not traced)
+    try:
+        image = decode_image(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (0, 0, 0)
+    assert peak < 1.5 * width * height, f"{peak / 1e6:.0f} MB"  # a float64 copy alone is 8 bytes per pixel
 
 
 def test_transparency_is_composited_on_white() -> None:
