@@ -22,7 +22,7 @@ A bad value stops the service at start-up with a message naming the variable.
 | RC_MAX_IMAGE_BYTES | 10485760 | one image, uploaded or downloaded (10 MiB) |
 | RC_MAX_PIXELS | 40000000 | width x height, checked from the image header before decoding |
 | RC_MAX_ASPECT_RATIO | 10 | longer/shorter side; beyond it the centre is cropped to this ratio |
-| RC_IMAGE_FORMATS | JPEG,PNG,WEBP,GIF | accepted formats (Pillow names), detected from content |
+| RC_IMAGE_FORMATS | JPEG,PNG,WEBP,GIF | accepted formats (Pillow names, checked at start-up), detected from content |
 | RC_JPEG_DRAFT | true | decode large JPEGs at 1/2-1/8 scale, never below the model's resize size (~4x faster) |
 | RC_URL_FETCH | true | accept `image_url(s)` at all (false: uploads only) |
 | RC_URL_ALLOWLIST | (empty) | hosts and CIDRs that may be private/loopback, e.g. `images.internal,10.0.0.0/8` |
@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
+
+from PIL import Image
 
 ENV_PREFIX = "RC_"
 
@@ -105,6 +107,16 @@ class ServiceConfig:
             raise ValueError(f"RC_MAX_ASPECT_RATIO must be >= 1, got {self.max_aspect_ratio}")
         if not self.image_formats:
             raise ValueError("RC_IMAGE_FORMATS must name at least one format")
+        unknown = unknown_image_formats(self.image_formats)
+        if unknown:  # a typo like JPG would make every image a 422 corrupt_image
+            raise ValueError(f"RC_IMAGE_FORMATS: Pillow knows no format {', '.join(map(repr, unknown))}; "
+                             "use Pillow's names, e.g. JPEG,PNG,WEBP,GIF")
+
+
+def unknown_image_formats(names: Iterable[str]) -> list[str]:
+    """The names (case-insensitive) that are not image formats Pillow can open."""
+    Image.init()  # registers every plugin, so Image.OPEN lists all of them
+    return [name for name in names if name.upper() not in Image.OPEN]
 
 
 def _parse(raw: str, type_name: str) -> Any:

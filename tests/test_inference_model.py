@@ -114,3 +114,9 @@ def test_config_defaults_and_environment() -> None:
 def test_bad_config_names_the_variable(env: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="RC_"):
         ServiceConfig.from_env(env)
+
+
+def test_image_formats_must_be_names_pillow_knows() -> None:
+    assert ServiceConfig.from_env({"RC_IMAGE_FORMATS": "jpeg, PNG"}).image_formats == ("jpeg", "PNG")
+    with pytest.raises(ValueError, match=r"RC_IMAGE_FORMATS.*'JPG'"):  # JPG would refuse every image
+        ServiceConfig.from_env({"RC_IMAGE_FORMATS": "JPEG,JPG"})
