@@ -37,7 +37,8 @@ from inference.config import ServiceConfig
 from inference.decode import ImageLimits, decode_image
 from inference.errors import InputError, ServiceError, error_body
 from inference.fetch import UrlPolicy, fetch_url
-from inference.http_guards import ErrorEnvelopeMiddleware, LoadSheddingMiddleware, RequestGuardMiddleware
+from inference.http_guards import (ErrorEnvelopeMiddleware, LoadSheddingMiddleware, RequestGuardMiddleware,
+                                   RequestTimeoutMiddleware)
 from inference.model import ModelInfo, OnnxClassifier
 from inference.postprocess import Prediction, postprocess
 from inference.preprocess import preprocess
@@ -49,6 +50,9 @@ MODEL = bentoml.models.BentoModel(CONFIG.model_tag)
 CLASSIFY_ROUTES = ("/classify", "/classify_batch")
 HEALTH_ROUTES = ("/", "/health")
 FILE_FIELDS = ("image", "images")
+# RequestTimeoutMiddleware answers at RC_REQUEST_TIMEOUT_S in our error shape; BentoML's own timeout
+# (another shape) only catches what it could not, e.g. a decode still running when the time is up.
+BENTOML_TIMEOUT_S = CONFIG.request_timeout_s + 5.0
 
 
 def explain_missing_model(tag: str) -> None:
@@ -191,7 +195,7 @@ health_app = Starlette(routes=[Route(path, health, methods=["GET"]) for path in 
 # The API service
 
 
-@bentoml.service(name="room_classifier", workers=CONFIG.workers, traffic={"timeout": CONFIG.request_timeout_s})
+@bentoml.service(name="room_classifier", workers=CONFIG.workers, traffic={"timeout": BENTOML_TIMEOUT_S})
 @bentoml.asgi_app(health_app, path="/")
 class RoomClassifier:
     """Classifies indoor photos as bathroom / bedroom / kitchen / living_room."""
@@ -293,8 +297,9 @@ class RoomClassifier:
         if item.url is not None:
             if not CONFIG.url_fetch:
                 raise InputError("url_fetch_disabled", "this server accepts uploads only (RC_URL_FETCH=false)")
+            # abandon_on_cancel: a request timeout answers at once; the thread ends by the fetch deadline
             data: bytes | Path = await anyio.to_thread.run_sync(fetch_url, item.url, self.url_policy,
-                                                                limiter=self.fetch_limiter)
+                                                                limiter=self.fetch_limiter, abandon_on_cancel=True)
         else:
             assert item.path is not None
             data = item.path
@@ -389,6 +394,7 @@ class RoomClassifier:
 
 RoomClassifier.add_asgi_middleware(ErrorEnvelopeMiddleware, retry_after_s=CONFIG.retry_after_s,
                                    own_paths=HEALTH_ROUTES)
+RoomClassifier.add_asgi_middleware(RequestTimeoutMiddleware, timeout_s=CONFIG.request_timeout_s)
 RoomClassifier.add_asgi_middleware(LoadSheddingMiddleware, max_concurrency=CONFIG.max_concurrency,
                                    paths=CLASSIFY_ROUTES, retry_after_s=CONFIG.retry_after_s)
 RoomClassifier.add_asgi_middleware(RequestGuardMiddleware, max_body_bytes=CONFIG.max_request_bytes,

@@ -13,7 +13,7 @@ A bad value stops the service at start-up with a message naming the variable.
 | RC_MAX_BATCH_SIZE | 16 | adaptive batching: largest batch sent to ONNX Runtime; 1 turns batching off |
 | RC_MAX_LATENCY_MS | 1000 | adaptive batching: longest time a queued image may wait before 503 |
 | RC_MAX_CONCURRENCY | 32 | classify requests in flight per API worker; more get 429 + Retry-After |
-| RC_REQUEST_TIMEOUT_S | 30 | BentoML request timeout (504 after it) |
+| RC_REQUEST_TIMEOUT_S | 30 | longest request; after it 504 `timeout` (BentoML's own timeout is 5 s later, a backstop) |
 | RC_RETRY_AFTER_S | 1 | Retry-After header value on 429/503 |
 | RC_UNCERTAIN_THRESHOLD | 0.5 | `uncertain` is true when the top probability is below this (per-request `threshold` overrides) |
 | RC_DEFAULT_TOP_K | 3 | length of `top_k` when the request does not say |

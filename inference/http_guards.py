@@ -5,10 +5,13 @@ Added to the BentoML service with `add_asgi_middleware`, outermost first:
 1. `ErrorEnvelopeMiddleware` rewrites every error answer that is not already in our shape - BentoML's
    validation errors, Starlette's 404/405, anything unexpected - into
    `{"error": {"code", "message"[, "detail"]}}`, and adds `Retry-After` to 429/503.
-2. `LoadSheddingMiddleware` caps classify requests in flight; the next one gets 429 + Retry-After at
+2. `RequestTimeoutMiddleware` answers 504 `timeout` in that shape when a request runs too long.
+   BentoML's own traffic timeout sits outside every middleware and answers `{"error": "..."}`, so the
+   service sets it a little longer, as a backstop only.
+3. `LoadSheddingMiddleware` caps classify requests in flight; the next one gets 429 + Retry-After at
    once instead of queueing (BentoML's own `max_concurrency` answers 429 without Retry-After, in
    another shape, so the limit lives here).
-3. `RequestGuardMiddleware` reads the request body before BentoML does: bodies over the byte limit get
+4. `RequestGuardMiddleware` reads the request body before BentoML does: bodies over the byte limit get
    413 (from Content-Length when declared, else while streaming), and form bodies must send file
    fields as real file parts. That last check closes a hole: given a *text* value for a file field,
    BentoML's form parser downloads it as a URL itself, outside our URL vetting, limits and timeouts.
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Iterable, MutableMapping
 
+import anyio
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
@@ -120,6 +125,34 @@ def describe_validation_error(item: Any) -> str:
         return str(item)
     location = ".".join(str(part) for part in item.get("loc", ()) if part not in ("body", "root"))
     return f"{location}: {item.get('msg', 'invalid')}" if location else str(item.get("msg", "invalid"))
+
+
+class RequestTimeoutMiddleware:
+    """Cancel a request still unanswered after `timeout_s` and answer 504 `timeout` instead.
+
+    An answer that has started is not cut (its status line is already out). Work in threads that
+    cannot be interrupted (decoding) is waited for before the 504 goes out.
+    """
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+        with anyio.move_on_after(self.timeout_s) as deadline:
+            async def send_untimed(message: Message) -> None:
+                nonlocal started
+                if message["type"] == "http.response.start":
+                    started = True
+                    deadline.deadline = math.inf  # never cut an answer half-way
+                await send(message)
+
+            await self.app(scope, receive, send_untimed)
+        if deadline.cancelled_caught and not started:
+            await send_error(send, 504, "timeout", f"the request took longer than {self.timeout_s:g} s")
 
 
 class LoadSheddingMiddleware:

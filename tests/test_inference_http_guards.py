@@ -8,8 +8,8 @@ from typing import Any
 
 from starlette.datastructures import UploadFile
 
-from inference.http_guards import (LoadSheddingMiddleware, RequestGuardMiddleware, enveloped,
-                                   file_field_problem)
+from inference.http_guards import (LoadSheddingMiddleware, RequestGuardMiddleware, RequestTimeoutMiddleware,
+                                   enveloped, file_field_problem)
 
 
 def test_bentoml_and_starlette_error_bodies_get_our_envelope() -> None:
@@ -97,3 +97,24 @@ def test_request_guard_stops_bodies_over_the_limit_while_streaming() -> None:
     assert asyncio.run(scenario([b"12345", b"678901"], [])) == 413  # no Content-Length: counted
     assert asyncio.run(scenario([b"1"], [(b"content-length", b"99")])) == 413  # declared: not read
     assert asyncio.run(scenario([b"12345", b"67890"], [])) == 0 and reached_app == [b"1234567890"]
+
+
+def test_request_timeout_answers_504_in_our_envelope_unless_the_answer_started() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/streaming":  # starts answering in time, finishes late: not cut
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.sleep(0.2 if scope["path"] != "/quick" else 0)
+        if scope["path"] != "/streaming":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def status_and_body(path: str) -> tuple[int, Any]:
+        recorder = Recorder()
+        await RequestTimeoutMiddleware(app, timeout_s=0.05)(http_scope(path), None, recorder)
+        body = recorder.messages[-1]["body"]
+        return recorder.status, json.loads(body) if recorder.status != 200 else body
+
+    status, body = asyncio.run(status_and_body("/slow"))
+    assert status == 504 and body["error"]["code"] == "timeout" and body["error"]["message"]
+    assert asyncio.run(status_and_body("/quick")) == (200, b"ok")
+    assert asyncio.run(status_and_body("/streaming")) == (200, b"ok")

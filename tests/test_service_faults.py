@@ -1,5 +1,6 @@
 """A corrupt model keeps the service up but not ready, with a clear log line; a missing one stops
-`bentoml serve` at once with a clear message (BentoML resolves models before serving)."""
+`bentoml serve` at once with a clear message (BentoML resolves models before serving). A request over
+RC_REQUEST_TIMEOUT_S gets a 504 in our error envelope."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import bentoml
 import pytest
 import requests
 
-from tests.conftest import REPO, Server, start_server, stop_server
+from tests.conftest import REPO, ImageHost, Server, TinyModel, start_server, stop_server
 
 REGISTER_CORRUPT = """
 import sys
@@ -72,3 +73,26 @@ def test_missing_model_stops_serve_with_a_clear_message(tiny_model, tmp_path: Pa
                             timeout=120)
     assert result.returncode != 0
     assert "MODEL room_classifier:nosuchversion NOT FOUND" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def impatient_server(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A 1 s request timeout, and URL fetches allowed to take much longer: the request timeout comes first."""
+    folder = tmp_path_factory.mktemp("impatient")
+    server = start_server(tiny_model.home, folder / "server.log", RC_REQUEST_TIMEOUT_S="1",
+                          RC_URL_ALLOWLIST="localhost", RC_FETCH_TOTAL_TIMEOUT_S="8", RC_FETCH_READ_TIMEOUT_S="5")
+    yield server
+    stop_server(server)
+
+
+@pytest.mark.parametrize("path, body", [("/classify", "image_url"), ("/classify_batch", "image_urls")])
+def test_request_timeout_answers_504_in_our_envelope(impatient_server: Server, image_host: ImageHost,
+                                                     path: str, body: str) -> None:
+    url = image_host.url("/slow")  # a byte every 0.3 s: only the total fetch timeout (8 s) would stop it
+    started = time.monotonic()
+    response = requests.post(impatient_server.url + path, json={body: url if body == "image_url" else [url, url]},
+                             timeout=30)
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "timeout" and "1 s" in response.json()["error"]["message"]
+    assert time.monotonic() - started < 4.0
+    assert requests.get(impatient_server.url + "/health", timeout=10).status_code == 200
