@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -139,7 +140,9 @@ class RoomClassifierModel:
     def __init__(self) -> None:
         self.classifier: OnnxClassifier | None = None
         self.load_error: str | None = None
+        # logits() counts in the model's worker thread while batch_stats() reads on the event loop
         self.images_per_run: collections.Counter[int] = collections.Counter()
+        self.images_per_run_lock = threading.Lock()
         try:
             self.classifier = OnnxClassifier.from_bento_model(self.model_ref, intra_op_threads=CONFIG.ort_threads)
         except Exception as exc:  # noqa: BLE001 - any load failure must leave a clear, not-ready service
@@ -158,7 +161,8 @@ class RoomClassifierModel:
         """float32 [N, 3, S, S] preprocessed images -> float32 [N, num_labels] logits."""
         if self.classifier is None:
             raise ServiceUnavailable(self.load_error or "model not loaded")
-        self.images_per_run[len(batch)] += 1
+        with self.images_per_run_lock:
+            self.images_per_run[len(batch)] += 1
         return self.classifier.logits(batch)
 
     @bentoml.api
@@ -171,10 +175,12 @@ class RoomClassifierModel:
     @bentoml.api
     async def batch_stats(self) -> dict[str, Any]:
         """How many images each ONNX Runtime call received (adaptive batching at work)."""
-        runs = sum(self.images_per_run.values())
-        images = sum(size * count for size, count in self.images_per_run.items())
-        return {"onnx_runs": runs, "images": images, "largest_batch": max(self.images_per_run, default=0),
-                "images_per_run": {str(size): count for size, count in sorted(self.images_per_run.items())}}
+        with self.images_per_run_lock:  # a copy: iterating while logits() adds a size would raise
+            counts = dict(self.images_per_run)
+        runs = sum(counts.values())
+        images = sum(size * count for size, count in counts.items())
+        return {"onnx_runs": runs, "images": images, "largest_batch": max(counts, default=0),
+                "images_per_run": {str(size): count for size, count in sorted(counts.items())}}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -255,3 +255,40 @@ def test_serving_code_never_imports_torch(tiny_model: TinyModel) -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+STATS_RACE = """
+import asyncio, threading, time
+import numpy as np
+from service import RoomClassifierModel
+
+class InstantClassifier:  # the real one would make this too slow to race
+    def logits(self, batch):
+        return np.zeros((len(batch), 4), dtype=np.float32)
+
+model = RoomClassifierModel.inner()
+model.classifier = InstantClassifier()
+stop = threading.Event()
+
+def runs():  # the model's worker thread; every batch size new, so the statistics keep growing
+    size = 0
+    while not stop.is_set():
+        size += 1
+        model.logits(np.empty((size, 0), dtype=np.float32))
+
+threading.Thread(target=runs, daemon=True).start()
+try:
+    until = time.monotonic() + 3.0
+    while time.monotonic() < until:  # the event loop's side
+        stats = asyncio.run(model.batch_stats())
+finally:
+    stop.set()
+print("ok", stats["onnx_runs"] > 0)
+"""
+
+
+def test_batch_statistics_can_be_read_while_the_model_runs(tiny_model: TinyModel) -> None:
+    env = {**os.environ, "BENTOML_HOME": str(tiny_model.home), "BENTOML_DO_NOT_TRACK": "true"}
+    result = subprocess.run([sys.executable, "-c", STATS_RACE], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "ok True", result.stderr[-3000:]
