@@ -212,8 +212,7 @@ class RoomClassifier:
         self.info: ModelInfo | None = None
         self.model_error: str | None = "model service not reached yet"
         self.image_limits = ImageLimits(max_bytes=CONFIG.max_image_bytes, max_pixels=CONFIG.max_pixels,
-                                        formats=tuple(name.upper() for name in CONFIG.image_formats),
-                                        max_aspect_ratio=CONFIG.max_aspect_ratio)
+                                        formats=tuple(name.upper() for name in CONFIG.image_formats))
         self.url_policy = UrlPolicy.with_allowlist(
             CONFIG.url_allowlist, connect_timeout_s=CONFIG.fetch_connect_timeout_s,
             read_timeout_s=CONFIG.fetch_read_timeout_s, total_timeout_s=CONFIG.fetch_total_timeout_s,

@@ -21,7 +21,6 @@ A bad value stops the service at start-up with a message naming the variable.
 | RC_MAX_REQUEST_BYTES | 33554432 | whole request body (32 MiB); larger bodies get 413 before they are read |
 | RC_MAX_IMAGE_BYTES | 10485760 | one image, uploaded or downloaded (10 MiB) |
 | RC_MAX_PIXELS | 40000000 | width x height, checked from the image header before decoding |
-| RC_MAX_ASPECT_RATIO | 10 | longer/shorter side; beyond it the centre is cropped to this ratio |
 | RC_IMAGE_FORMATS | JPEG,PNG,WEBP,GIF | accepted formats (Pillow names, checked at start-up), detected from content |
 | RC_JPEG_DRAFT | true | decode large JPEGs at 1/2-1/8 scale, never below the model's resize size (~4x faster) |
 | RC_URL_FETCH | true | accept `image_url(s)` at all (false: uploads only) |
@@ -62,7 +61,6 @@ class ServiceConfig:
     max_request_bytes: int = 32 * 1024 * 1024
     max_image_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
-    max_aspect_ratio: float = 10.0
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF")
     jpeg_draft: bool = True
     url_fetch: bool = True
@@ -103,8 +101,6 @@ class ServiceConfig:
             raise ValueError("RC_RETRY_AFTER_S and RC_FETCH_MAX_REDIRECTS must be >= 0")
         if not 0.0 <= self.uncertain_threshold <= 1.0:
             raise ValueError(f"RC_UNCERTAIN_THRESHOLD must be in [0, 1], got {self.uncertain_threshold}")
-        if self.max_aspect_ratio < 1.0:
-            raise ValueError(f"RC_MAX_ASPECT_RATIO must be >= 1, got {self.max_aspect_ratio}")
         if not self.image_formats:
             raise ValueError("RC_IMAGE_FORMATS must name at least one format")
         unknown = unknown_image_formats(self.image_formats)

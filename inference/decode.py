@@ -14,9 +14,10 @@ when it evaluates the exported model, so both see the same pixels. It:
 - takes the first frame of animated images;
 - applies the EXIF orientation;
 - converts every mode to 8-bit RGB: alpha and palette transparency composited on white, CMYK via
-  Pillow's conversion, 16-bit and 32-bit grayscale scaled down (not clipped to white), 1-bit expanded;
-- centre-crops images more elongated than `max_aspect_ratio` (the model only sees the central square
-  anyway, and resizing the short side of a 1x10000 strip to 256 would allocate gigabytes).
+  Pillow's conversion, 16-bit and 32-bit grayscale scaled down (not clipped to white), 1-bit expanded.
+
+Elongated images come out whole: `inference.preprocess.trim_long_side` centre-crops them to 2:1 before
+resizing (resizing the short side of a 1x10000 strip to 256 would otherwise allocate gigabytes).
 
 Every refusal is an `inference.errors.InputError` with a stable code.
 """
@@ -61,7 +62,6 @@ class ImageLimits:
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     formats: tuple[str, ...] = DEFAULT_FORMATS
-    max_aspect_ratio: float = 10.0
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -82,8 +82,7 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_size: in
         image.draft(image.mode, (min_size, min_size))  # a no-op for formats other than JPEG
     load_first_frame(image)
     image = apply_exif_orientation(image)
-    image = to_rgb(image)
-    return limit_aspect_ratio(image, limits.max_aspect_ratio)
+    return to_rgb(image)
 
 
 def check_byte_size(data: bytes, limits: ImageLimits) -> None:
@@ -205,16 +204,3 @@ def composite_on_white(image: Image.Image) -> Image.Image:
     background.paste(image, mask=image.getchannel("A"))
     return background
 
-
-def limit_aspect_ratio(image: Image.Image, max_ratio: float) -> Image.Image:
-    """Centre-crop the longer side to `max_ratio` x the shorter one; leave other images untouched."""
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    if long <= short * max_ratio:
-        return image
-    keep = max(1, int(short * max_ratio))
-    if width > height:
-        left = (width - keep) // 2
-        return image.crop((left, 0, left + keep, height))
-    top = (height - keep) // 2
-    return image.crop((0, top, width, top + keep))
