@@ -277,7 +277,8 @@ def test_https_is_fetched_and_an_https_to_http_redirect_is_refused(
     monkeypatch.setattr(fetch, "tls_context", lambda: trusting)
     secure = host.url("/img/red.jpg").replace("http://", "https://")
     assert fetch_url(secure, LOCAL) == host.files["red.jpg"]
-    assert fetch_url(host.url("/redirect?to=" + secure).replace("http://", "https://", 1), LOCAL) == host.files["red.jpg"]
+    to_secure = host.url("/redirect?to=" + secure).replace("http://", "https://", 1)
+    assert fetch_url(to_secure, LOCAL) == host.files["red.jpg"]
     before = image_host.hits.get("/img/red.jpg", 0)
     downgrade = host.url("/redirect?to=" + image_host.url("/img/red.jpg")).replace("http://", "https://", 1)
     with pytest.raises(InputError) as caught:
