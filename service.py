@@ -35,14 +35,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from inference.config import ServiceConfig
-from inference.decode import ImageLimits, decode_image
+from inference.decode import ImageLimits
 from inference.errors import InputError, ServiceError, error_body
 from inference.fetch import UrlPolicy, fetch_url
 from inference.http_guards import (ErrorEnvelopeMiddleware, LoadSheddingMiddleware, RequestGuardMiddleware,
                                    RequestTimeoutMiddleware)
 from inference.model import ModelInfo, OnnxClassifier
 from inference.postprocess import Prediction, postprocess
-from inference.preprocess import preprocess
+from inference.preprocess import bytes_to_input
 
 logger = logging.getLogger("bentoml.service.room_classifier")
 
@@ -314,8 +314,7 @@ class RoomClassifier:
         """Runs in a worker thread: Pillow and NumPy release the GIL for the heavy parts."""
         if isinstance(data, Path):
             data = read_upload(data, self.image_limits.max_bytes)
-        min_size = info.preprocessing.resize_size if CONFIG.jpeg_draft else None
-        return preprocess(decode_image(data, self.image_limits, min_size=min_size), info.preprocessing)
+        return bytes_to_input(data, info.preprocessing, self.image_limits, jpeg_draft=CONFIG.jpeg_draft)
 
     async def predict(self, batch: np.ndarray, info: ModelInfo, top_k: Optional[int],
                       threshold: Optional[float]) -> list[Prediction]:
