@@ -145,7 +145,8 @@ def test_missing_weights_is_a_clear_error(tmp_path: Path) -> None:
             (dataset / split / label).mkdir(parents=True)
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "empty"), "https_proxy": "http://127.0.0.1:9",
            "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
-    result = run(["-m", "training", "train", "--data", str(dataset), "--run-dir", str(tmp_path / "run")], env, timeout=120)
+    result = run(["-m", "training", "train", "--data", str(dataset), "--run-dir", str(tmp_path / "run"),
+                  "--arch", "mobilenet_v3_small"], env, timeout=120)
     assert result.returncode == 2
     assert "mobilenet_v3_small-047dcff4.pth" in result.stderr and "Traceback" not in result.stderr
 
