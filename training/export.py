@@ -11,7 +11,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+from inference.model import INPUT_NAME, OUTPUT_NAME
+
 OPSET = 18
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.model import OnnxClassifier
+from inference.model import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
 from inference.preprocess import Preprocessing, preprocess_batch
 from training.backbones import StemTail, build_backbone
 from training.data import dataset_fingerprint, discover_labels, list_samples, load_rgb
@@ -128,7 +128,7 @@ def register_step(run_dir: Path) -> str:
         "training": {key: value for key, value in checkpoint["recipe"].items() if value is not None},
         "best_val_macro_f1_during_training": checkpoint["history"].get("best_val_macro_f1"),
         "dataset_fingerprint": checkpoint["dataset_fingerprint"],
-        "onnx": {"input": "input", "output": "logits", "opset": chosen["export"]["opset"],
+        "onnx": {"input": INPUT_NAME, "output": OUTPUT_NAME, "opset": chosen["export"]["opset"],
                  "max_logit_difference_vs_torch": chosen["export"]["max_logit_difference"]},
     })
     tag = save_to_model_store(Path(chosen["path"]), metadata)

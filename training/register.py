@@ -11,9 +11,10 @@ from typing import Any
 
 import bentoml
 
+from inference.model import CORE_KEYS, ONNX_FILENAME
+
 MODEL_NAME = "room_classifier"
-ONNX_FILENAME = "model.onnx"
-REQUIRED_METADATA = ("labels", "preprocessing", "temperature", "architecture")
+REQUIRED_METADATA = tuple(key for key in CORE_KEYS if key != "tag")  # the tag is the store's own
 
 
 def save_to_model_store(onnx_path: Path, metadata: dict[str, Any], name: str = MODEL_NAME) -> bentoml.Tag:
