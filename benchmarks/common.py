@@ -10,7 +10,6 @@ import argparse
 import os
 import random
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -89,15 +88,8 @@ class BentoServer:
         self.stop()
 
     def stop(self) -> None:
-        """SIGTERM the server's process group (BentoML's workers included), SIGKILL if it lingers."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            stop_server_process(self.process)
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -106,6 +98,26 @@ class BentoServer:
         """Resident memory of the server and all its worker processes."""
         assert self.process is not None
         return process_tree_rss(self.process.pid)
+
+
+def stop_server_process(process: subprocess.Popen) -> None:
+    """SIGTERM `bentoml serve` (its arbiter stops the workers); SIGKILL it and its workers if it hangs.
+
+    BentoML's workers run in process groups of their own, so they are found as children, by PID, first:
+    a signal to the server's process group alone can leave them running.
+    """
+    if process.poll() is not None:
+        return
+    workers = psutil.Process(process.pid).children(recursive=True)
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+    for worker in workers:
+        if worker.is_running():
+            worker.kill()
 
 
 def process_tree_rss(pid: int) -> int:

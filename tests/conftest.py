@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -23,10 +22,11 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
 
-import psutil
 import pytest
 import requests
 from PIL import Image
+
+from benchmarks.common import free_port, stop_server_process
 
 REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 120.0  # the CPU is shared with training runs: be patient, fail with the log
@@ -81,12 +81,6 @@ class Server:
         return self.process.poll() is None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(home: Path, log_path: Path, wait_ready: bool = True, **settings: str) -> Server:
     """`bentoml serve service:RoomClassifier` on a free port with `settings` as RC_* variables."""
     port = free_port()
@@ -121,22 +115,7 @@ def wait_for(server: Server, path: str) -> None:
 
 
 def stop_server(server: Server) -> None:
-    """SIGTERM the server (BentoML's arbiter stops its workers); SIGKILL it and its workers if it hangs.
-
-    The workers run in process groups of their own, so they are found as children, by PID, first.
-    """
-    if not server.alive():
-        return
-    workers = psutil.Process(server.process.pid).children(recursive=True)
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait(timeout=10)
-    for worker in workers:
-        if worker.is_running():
-            worker.kill()
+    stop_server_process(server.process)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import subprocess
 import threading
 import time
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
