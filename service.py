@@ -1,13 +1,11 @@
 """Room Classifier: a BentoML service that classifies indoor photos (bathroom, bedroom, kitchen, living room).
 
-Two BentoML services, one bento:
-
-- `RoomClassifier` (the API, public): takes image URLs and uploads, fetches/decodes/validates/preprocesses
-  each image on its own (`inference/`), so one bad image never fails a batch, then asks the model
-  service for logits and answers with softmax probabilities. Also serves `GET /` and `GET /health`.
-- `RoomClassifierModel` (internal, reached through `bentoml.depends`): holds the ONNX Runtime session and
-  exposes `logits` as a `batchable=True` API, so concurrent requests are merged into one ONNX call by
-  BentoML's adaptive batcher.
+`RoomClassifier` takes image URLs and uploads, fetches/decodes/validates/resizes each image on its own
+(`inference/`), so one bad image never fails a batch, and answers with softmax probabilities. The ONNX
+Runtime session lives in the same process: concurrent requests are merged into one ONNX call by
+`inference.batching.GreedyBatcher` (adaptive batching that never holds a request back while the model is
+idle), with no hop to a second process (README, "Serving speed", says what that hop cost). Also serves
+`GET /` and `GET /health`. Scale out with RC_WORKERS (one model session per worker process).
 
 Everything is configured by `RC_*` environment variables, listed in `inference/config.py`.
 Run: `bentoml serve service:RoomClassifier` (add `--port 3000`).
@@ -15,25 +13,23 @@ Run: `bentoml serve service:RoomClassifier` (add `--port 3000`).
 
 from __future__ import annotations
 
-import collections
 import logging
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import aiohttp
 import anyio
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException, ServiceUnavailable
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from inference import stages
+from inference.batching import GreedyBatcher, QueueTimeout
 from inference.config import ServiceConfig
 from inference.decode import ImageLimits
 from inference.errors import InputError, ServiceError, error_body
@@ -42,7 +38,7 @@ from inference.http_guards import (ErrorEnvelopeMiddleware, LoadSheddingMiddlewa
                                    RequestTimeoutMiddleware)
 from inference.model import ModelInfo, OnnxClassifier
 from inference.postprocess import Prediction, postprocess
-from inference.preprocess import bytes_to_input
+from inference.preprocess import bytes_to_pixels
 
 logger = logging.getLogger("bentoml.service.room_classifier")
 
@@ -118,72 +114,6 @@ class ImageInput:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The model service: ONNX Runtime behind BentoML's adaptive batcher
-
-# RC_MAX_BATCH_SIZE=1 turns adaptive batching off (BentoML wants batchable APIs to allow batches > 1).
-BATCHING: dict[str, Any] = (
-    {"batchable": True, "max_batch_size": CONFIG.max_batch_size, "max_latency_ms": CONFIG.max_latency_ms}
-    if CONFIG.max_batch_size > 1 else {})
-
-
-# runner_connection: BentoML recycles the caller's HTTP session every 100 requests / 300 s by default and
-# closes it under requests still in flight ("Server disconnected"). The caller is a local process on a
-# Unix socket, so there is nothing to rebalance: keep one session.
-@bentoml.service(name="room_classifier_model", workers=1, threads=1,
-                 traffic={"timeout": CONFIG.request_timeout_s},
-                 runner_connection={"max_requests": 2**31 - 1, "max_age": float(365 * 24 * 3600)})
-class RoomClassifierModel:
-    """Runs the ONNX model. Internal: only RoomClassifier calls it."""
-
-    model_ref = MODEL
-
-    def __init__(self) -> None:
-        self.classifier: OnnxClassifier | None = None
-        self.load_error: str | None = None
-        # logits() counts in the model's worker thread while batch_stats() reads on the event loop
-        self.images_per_run: collections.Counter[int] = collections.Counter()
-        self.images_per_run_lock = threading.Lock()
-        try:
-            self.classifier = OnnxClassifier.from_bento_model(self.model_ref, intra_op_threads=CONFIG.ort_threads)
-        except Exception as exc:  # noqa: BLE001 - any load failure must leave a clear, not-ready service
-            self.load_error = f"model {CONFIG.model_tag} cannot be served: {exc}"
-            logger.error("MODEL NOT LOADED, the service stays not ready (/readyz 503): %s", self.load_error)
-            return
-        info = self.classifier.info
-        logger.info("model %s loaded (%s, labels %s, %d ONNX Runtime threads)",
-                    info.tag, info.architecture, list(info.labels), CONFIG.ort_threads)
-
-    def __is_ready__(self) -> bool:
-        return self.classifier is not None
-
-    @bentoml.api(**BATCHING)
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """float32 [N, 3, S, S] preprocessed images -> float32 [N, num_labels] logits."""
-        if self.classifier is None:
-            raise ServiceUnavailable(self.load_error or "model not loaded")
-        with self.images_per_run_lock:
-            self.images_per_run[len(batch)] += 1
-        return self.classifier.logits(batch)
-
-    @bentoml.api
-    async def describe(self) -> dict[str, Any]:
-        """The model's description, or why there is none."""
-        if self.classifier is None:
-            return {"model": None, "error": self.load_error}
-        return {"model": self.classifier.info.to_dict(), "error": None}
-
-    @bentoml.api
-    async def batch_stats(self) -> dict[str, Any]:
-        """How many images each ONNX Runtime call received (adaptive batching at work)."""
-        with self.images_per_run_lock:  # a copy: iterating while logits() adds a size would raise
-            counts = dict(self.images_per_run)
-        runs = sum(counts.values())
-        images = sum(size * count for size, count in counts.items())
-        return {"onnx_runs": runs, "images": images, "largest_batch": max(counts, default=0),
-                "images_per_run": {str(size): count for size, count in sorted(counts.items())}}
-
-
-# ----------------------------------------------------------------------------------------------------
 # GET / and GET /health (BentoML APIs are POST; these come from a small mounted Starlette app)
 
 
@@ -201,16 +131,23 @@ health_app = Starlette(routes=[Route(path, health, methods=["GET"]) for path in 
 # The API service
 
 
-@bentoml.service(name="room_classifier", workers=CONFIG.workers, traffic={"timeout": BENTOML_TIMEOUT_S})
+# The OCI image. BentoML's default Debian recipe first installs build-essential and git (about 800 MB) for
+# packages that compile at install time; every dependency here installs from a wheel, so `distro=None`
+# (no distro recipe) leaves that step out. The base stays BentoML's default, python:<version>-slim, unless
+# bentofile.yaml's docker.base_image names another (scripts/container/build_image.sh does, offline).
+IMAGE = bentoml.images.Image(base_image=f"python:{sys.version_info.major}.{sys.version_info.minor}-slim",
+                             distro=None)  # type: ignore[arg-type]
+
+
+@bentoml.service(name="room_classifier", workers=CONFIG.workers, traffic={"timeout": BENTOML_TIMEOUT_S},
+                 image=IMAGE)
 @bentoml.asgi_app(health_app, path="/")
 class RoomClassifier:
     """Classifies indoor photos as bathroom / bedroom / kitchen / living_room."""
 
-    model = bentoml.depends(RoomClassifierModel)
+    model_ref = MODEL  # `bentoml build` packs the model; the service loads it from the store
 
     def __init__(self) -> None:
-        self.info: ModelInfo | None = None
-        self.model_error: str | None = "model service not reached yet"
         self.image_limits = ImageLimits(max_bytes=CONFIG.max_image_bytes, max_pixels=CONFIG.max_pixels,
                                         formats=tuple(name.upper() for name in CONFIG.image_formats))
         self.url_policy = UrlPolicy.with_allowlist(
@@ -219,9 +156,23 @@ class RoomClassifier:
             max_redirects=CONFIG.fetch_max_redirects, max_bytes=CONFIG.max_image_bytes)
         self._decode_limiter: anyio.CapacityLimiter | None = None
         self._fetch_limiter: anyio.CapacityLimiter | None = None
+        self.classifier: OnnxClassifier | None = None
+        self.load_error: str | None = None
+        try:
+            self.classifier = OnnxClassifier.from_bento_model(self.model_ref, intra_op_threads=CONFIG.ort_threads)
+        except Exception as exc:  # noqa: BLE001 - any load failure must leave a clear, not-ready service
+            self.load_error = f"model {CONFIG.model_tag} cannot be served: {exc}"
+            logger.error("MODEL NOT LOADED, the service stays not ready (/readyz 503): %s", self.load_error)
+            return
+        # Adaptive batching in this process: no hop to another one (see inference/batching.py)
+        self.batcher = GreedyBatcher(self.run_batch, max_batch_size=CONFIG.max_batch_size,
+                                     max_wait_s=CONFIG.max_latency_ms / 1000.0, observe=stages.observe)
+        info = self.classifier.info
+        logger.info("model %s loaded (%s, labels %s, %d ONNX Runtime threads)",
+                    info.tag, info.architecture, list(info.labels), CONFIG.ort_threads)
 
-    async def __is_ready__(self) -> bool:
-        return await self.model_info() is not None
+    def __is_ready__(self) -> bool:
+        return self.classifier is not None
 
     @bentoml.api(route="/classify")
     async def classify(
@@ -240,10 +191,11 @@ class RoomClassifier:
         (e.g. missing_image, not_an_image, image_too_many_pixels, url_host_not_allowed, fetch_timeout).
         """
         try:
-            info = await self.require_model()
-            item = single_input(image_url, image)
-            batch = (await self.load_input(item, info))[None]
-            prediction = (await self.predict(batch, info, top_k, threshold))[0]
+            with stages.timed("handler"):
+                info = await self.require_model()
+                item = single_input(image_url, image)
+                pixels = (await self.load_input(item, info))[None]
+                prediction = (await self.predict(pixels, info, top_k, threshold))[0]
         except ServiceError as exc:
             return self.error_response(exc)  # type: ignore[return-value]  # BentoML sends Responses as they are
         return to_classification(prediction, info)
@@ -264,9 +216,10 @@ class RoomClassifier:
         RC_MAX_IMAGES_PER_REQUEST, a malformed body.
         """
         try:
-            info = await self.require_model()
-            items = batch_inputs(image_urls, images)
-            results = await self.classify_items(items, info, top_k, threshold)
+            with stages.timed("handler"):
+                info = await self.require_model()
+                items = batch_inputs(image_urls, images)
+                results = await self.classify_items(items, info, top_k, threshold)
         except ServiceError as exc:
             return self.error_response(exc)  # type: ignore[return-value]
         return BatchClassification(model=info.tag, results=results)
@@ -290,94 +243,73 @@ class RoomClassifier:
         good = [index for index, value in enumerate(arrays) if isinstance(value, np.ndarray)]
         predictions: dict[int, Prediction] = {}
         if good:
-            batch = np.stack([arrays[index] for index in good])
-            predictions = dict(zip(good, await self.predict(batch, info, top_k, threshold)))
+            pixels = np.stack([arrays[index] for index in good])
+            predictions = dict(zip(good, await self.predict(pixels, info, top_k, threshold)))
         return [BatchItem(input=item.name, result=to_classification(predictions[index], info))
                 if index in predictions else
                 BatchItem(input=item.name, error=ErrorDetail(**arrays[index].to_dict()))  # type: ignore[union-attr]
                 for index, item in enumerate(items)]
 
     async def load_input(self, item: ImageInput, info: ModelInfo) -> np.ndarray:
-        """URL or upload -> preprocessed float32 [3, S, S]; raises InputError for anything wrong with it."""
+        """URL or upload -> uint8 pixels [S, S, 3]; raises InputError for anything wrong with it."""
         if item.url is not None:
             if not CONFIG.url_fetch:
                 raise InputError("url_fetch_disabled", "this server accepts uploads only (RC_URL_FETCH=false)")
             # abandon_on_cancel: a request timeout answers at once; the thread ends by the fetch deadline
-            data: bytes | Path = await anyio.to_thread.run_sync(fetch_url, item.url, self.url_policy,
-                                                                limiter=self.fetch_limiter, abandon_on_cancel=True)
+            with stages.timed("fetch"):
+                data: bytes | Path = await anyio.to_thread.run_sync(
+                    fetch_url, item.url, self.url_policy, limiter=self.fetch_limiter, abandon_on_cancel=True)
         else:
             assert item.path is not None
             data = item.path
-        return await anyio.to_thread.run_sync(self.decode_and_preprocess, data, info, limiter=self.decode_limiter)
+        with stages.timed("decode"):
+            return await anyio.to_thread.run_sync(self.decode_to_pixels, data, info, limiter=self.decode_limiter)
 
-    def decode_and_preprocess(self, data: bytes | Path, info: ModelInfo) -> np.ndarray:
-        """Runs in a worker thread: Pillow and NumPy release the GIL for the heavy parts."""
+    def decode_to_pixels(self, data: bytes | Path, info: ModelInfo) -> np.ndarray:
+        """Runs in a worker thread: Pillow releases the GIL for the heavy parts. Normalisation happens in
+        the model process, on the whole batch: uint8 pixels are 4x fewer bytes to send there."""
         if isinstance(data, Path):
             data = read_upload(data, self.image_limits.max_bytes)
-        return bytes_to_input(data, info.preprocessing, self.image_limits, jpeg_draft=CONFIG.jpeg_draft)
+        return bytes_to_pixels(data, info.preprocessing, self.image_limits, jpeg_draft=CONFIG.jpeg_draft)
 
-    async def predict(self, batch: np.ndarray, info: ModelInfo, top_k: Optional[int],
+    async def predict(self, pixels: np.ndarray, info: ModelInfo, top_k: Optional[int],
                       threshold: Optional[float]) -> list[Prediction]:
-        logits = await self.run_model(batch)
+        with stages.timed("model_call"):
+            logits = await self.run_model(pixels)
         return postprocess(logits, info.labels, info.temperature,
                            top_k if top_k is not None else CONFIG.default_top_k,
                            threshold if threshold is not None else CONFIG.uncertain_threshold)
 
-    async def run_model(self, batch: np.ndarray) -> np.ndarray:
-        """Call the batchable model API; its refusals become 503s with a clear code.
-
-        A dropped connection is retried once (inference is idempotent): the model process may have
-        closed an idle keep-alive connection just as it was reused.
-        """
+    async def run_model(self, pixels: np.ndarray) -> np.ndarray:
+        """Logits for uint8 pixels, batched with the other requests in flight; failures become 503s."""
         try:
-            try:
-                return await self.model.to_async.logits(batch)
-            except aiohttp.ClientConnectionError as exc:
-                logger.warning("model call lost its connection (%s); retrying once", exc)
-                return await self.model.to_async.logits(batch)
-        except ServiceUnavailable as exc:
+            return await self.batcher(pixels)
+        except QueueTimeout as exc:
             raise ServiceError("model_overloaded", f"the model is busy, retry shortly ({exc})") from None
-        except BentoMLException as exc:
-            logger.error("model service failed: %s", exc)
-            raise ServiceError("model_unavailable", "the model service failed; see the server log") from None
-        except Exception:  # noqa: BLE001 - the model process may be restarting: a 503, never a 500
-            logger.exception("model service unreachable")
-            raise ServiceError("model_unavailable", "the model service is unreachable; retry shortly") from None
+        except Exception:  # noqa: BLE001 - whatever ONNX Runtime raised: a 503 with a log line, never a 500
+            logger.exception("the model failed on a batch of %s", list(pixels.shape))
+            raise ServiceError("model_unavailable", "the model failed; see the server log") from None
+
+    def run_batch(self, pixels: np.ndarray) -> np.ndarray:
+        """One ONNX Runtime call on a batch (in the batcher's thread)."""
+        stages.observe_batch_size(len(pixels))
+        return self.classifier.logits_for_pixels(pixels)  # type: ignore[union-attr]
 
     async def require_model(self) -> ModelInfo:
-        info = await self.model_info()
-        if info is None:
-            raise ServiceError("model_unavailable", f"the model is not available: {self.model_error}")
-        return info
-
-    async def model_info(self) -> ModelInfo | None:
-        """The model's metadata, asked once from the model service (the one source of truth)."""
-        if self.info is None:
-            try:
-                described = await self.model.to_async.describe()
-            except Exception as exc:  # noqa: BLE001 - not up yet
-                self.model_error = f"model service not reachable ({type(exc).__name__})"
-                return None
-            if described.get("model") is None:
-                self.model_error = described.get("error") or "unknown error"
-                return None
-            self.info = ModelInfo.from_dict(described["model"])
-            self.model_error = None
-        return self.info
+        if self.classifier is None:
+            raise ServiceError("model_unavailable", f"the model is not available: {self.load_error}")
+        return self.classifier.info
 
     async def health_payload(self) -> dict[str, Any]:
-        info = await self.model_info()
-        if info is None:
-            return {"status": "unavailable", "error": self.model_error, "model": CONFIG.model_tag, "labels": []}
-        try:
-            batching = await self.model.to_async.batch_stats()
-        except Exception as exc:  # noqa: BLE001
-            batching = {"error": f"model service not reachable ({type(exc).__name__})"}
+        if self.classifier is None:
+            return {"status": "unavailable", "error": self.load_error, "model": CONFIG.model_tag, "labels": []}
+        info = self.classifier.info
         return {"status": "ok", "model": info.tag, "labels": list(info.labels), "architecture": info.architecture,
-                "model_info": info.to_dict(), "batching": batching,
+                "model_info": info.to_dict(), "batching": self.batcher.stats(),
                 "config": {"max_batch_size": CONFIG.max_batch_size, "max_latency_ms": CONFIG.max_latency_ms,
-                           "max_concurrency": CONFIG.max_concurrency, "workers": CONFIG.workers,
-                           "ort_threads": CONFIG.ort_threads, "url_fetch": CONFIG.url_fetch}}
+                           "max_concurrency": CONFIG.max_concurrency, "max_queued": CONFIG.max_queued,
+                           "workers": CONFIG.workers, "ort_threads": CONFIG.ort_threads,
+                           "decode_threads": CONFIG.decode_threads, "url_fetch": CONFIG.url_fetch}}
 
     def error_response(self, exc: ServiceError) -> JSONResponse:
         headers = {"Retry-After": str(CONFIG.retry_after_s)} if exc.status in (429, 503) else None
@@ -400,7 +332,8 @@ RoomClassifier.add_asgi_middleware(ErrorEnvelopeMiddleware, retry_after_s=CONFIG
                                    own_paths=HEALTH_ROUTES)
 RoomClassifier.add_asgi_middleware(RequestTimeoutMiddleware, timeout_s=CONFIG.request_timeout_s)
 RoomClassifier.add_asgi_middleware(LoadSheddingMiddleware, max_concurrency=CONFIG.max_concurrency,
-                                   paths=CLASSIFY_ROUTES, retry_after_s=CONFIG.retry_after_s)
+                                   paths=CLASSIFY_ROUTES, retry_after_s=CONFIG.retry_after_s,
+                                   max_waiting=CONFIG.max_queued, max_wait_s=CONFIG.queue_timeout_s)
 RoomClassifier.add_asgi_middleware(RequestGuardMiddleware, max_body_bytes=CONFIG.max_request_bytes,
                                    file_fields=FILE_FIELDS, max_parts=CONFIG.max_images_per_request + 8)
 

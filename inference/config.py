@@ -1,18 +1,21 @@
 """Service configuration: every knob in one dataclass, read once from `RC_*` environment variables.
 
 The variable for a field is `RC_` + the field name in upper case (`max_batch_size` -> `RC_MAX_BATCH_SIZE`).
-Defaults suit a small CPU box (2 cores, a few GB of memory). Lists are comma-separated.
+Thread counts default to the cores this process may use (`available_cores`: CPU affinity and a container's
+CPU quota), so ONNX Runtime and the decoders share them instead of fighting. Lists are comma-separated.
 A bad value stops the service at start-up with a message naming the variable.
 
 | variable | default | meaning |
 |---|---|---|
 | RC_MODEL_TAG | room_classifier:latest | model-store tag to serve |
-| RC_WORKERS | 1 | API worker processes (fetch, decode, preprocess); the model runs in one more process |
-| RC_ORT_THREADS | 2 | ONNX Runtime intra-op threads of the model process |
-| RC_DECODE_THREADS | 2 | images decoded + preprocessed at the same time per API worker |
+| RC_WORKERS | 1 | worker processes, each with its own model session and batcher |
+| RC_ORT_THREADS | half the cores | ONNX Runtime intra-op threads per worker (1 on a 2-core machine) |
+| RC_DECODE_THREADS | the cores | images decoded + preprocessed at the same time per worker |
 | RC_MAX_BATCH_SIZE | 16 | adaptive batching: largest batch sent to ONNX Runtime; 1 turns batching off |
 | RC_MAX_LATENCY_MS | 1000 | adaptive batching: longest time a queued image may wait before 503 |
-| RC_MAX_CONCURRENCY | 32 | classify requests in flight per API worker; more get 429 + Retry-After |
+| RC_MAX_CONCURRENCY | 32 | classify requests in flight per API worker; more wait in line (below) |
+| RC_MAX_QUEUED | 64 | classify requests that may wait for a slot per API worker; more get 429 + Retry-After at once |
+| RC_QUEUE_TIMEOUT_S | 5 | longest wait in that line; then 429 + Retry-After |
 | RC_REQUEST_TIMEOUT_S | 30 | longest request; after it 504 `timeout` (BentoML's own timeout is 5 s later, a backstop) |
 | RC_RETRY_AFTER_S | 1 | Retry-After header value on 429/503 |
 | RC_UNCERTAIN_THRESHOLD | 0.5 | `uncertain` is true when the top probability is below this (per-request `threshold` overrides) |
@@ -34,7 +37,9 @@ A bad value stops the service at start-up with a message naming the variable.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from PIL import Image
@@ -48,11 +53,13 @@ class ServiceConfig:
 
     model_tag: str = "room_classifier:latest"
     workers: int = 1
-    ort_threads: int = 2
-    decode_threads: int = 2
+    ort_threads: int = field(default_factory=lambda: max(1, available_cores() // 2))
+    decode_threads: int = field(default_factory=lambda: available_cores())
     max_batch_size: int = 16
     max_latency_ms: int = 1000
     max_concurrency: int = 32
+    max_queued: int = 64
+    queue_timeout_s: float = 5.0
     request_timeout_s: float = 30.0
     retry_after_s: int = 1
     uncertain_threshold: float = 0.5
@@ -75,13 +82,13 @@ class ServiceConfig:
         """Read `RC_*` variables (unset ones keep their default); raise ValueError naming a bad one."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for field in fields(cls):
-            name = ENV_PREFIX + field.name.upper()
+        for item in fields(cls):
+            name = ENV_PREFIX + item.name.upper()
             raw = environ.get(name)
             if raw is None or raw.strip() == "":
                 continue
             try:
-                values[field.name] = _parse(raw.strip(), str(field.type))
+                values[item.name] = _parse(raw.strip(), str(item.type))
             except ValueError as exc:
                 raise ValueError(f"{name}={raw!r}: {exc}") from None
         config = cls(**values)
@@ -91,14 +98,14 @@ class ServiceConfig:
     def validate(self) -> None:
         """Refuse settings that cannot work (zero threads, negative limits, thresholds outside [0, 1])."""
         positive = ("workers", "ort_threads", "decode_threads", "max_batch_size", "max_latency_ms",
-                    "max_concurrency", "request_timeout_s", "default_top_k", "max_images_per_request",
+                    "max_concurrency", "queue_timeout_s", "request_timeout_s", "default_top_k", "max_images_per_request",
                     "max_request_bytes", "max_image_bytes", "max_pixels", "fetch_connect_timeout_s",
                     "fetch_read_timeout_s", "fetch_total_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
-        if self.retry_after_s < 0 or self.fetch_max_redirects < 0:
-            raise ValueError("RC_RETRY_AFTER_S and RC_FETCH_MAX_REDIRECTS must be >= 0")
+        if self.retry_after_s < 0 or self.fetch_max_redirects < 0 or self.max_queued < 0:
+            raise ValueError("RC_RETRY_AFTER_S, RC_FETCH_MAX_REDIRECTS and RC_MAX_QUEUED must be >= 0")
         if not 0.0 <= self.uncertain_threshold <= 1.0:
             raise ValueError(f"RC_UNCERTAIN_THRESHOLD must be in [0, 1], got {self.uncertain_threshold}")
         if not self.image_formats:
@@ -107,6 +114,19 @@ class ServiceConfig:
         if unknown:  # a typo like JPG would make every image a 422 corrupt_image
             raise ValueError(f"RC_IMAGE_FORMATS: Pillow knows no format {', '.join(map(repr, unknown))}; "
                              "use Pillow's names, e.g. JPEG,PNG,WEBP,GIF")
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (a container
+    limited to 2 CPUs on a 64-core host must not start 64 threads)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return max(1, cores)
 
 
 def unknown_image_formats(names: Iterable[str]) -> list[str]:

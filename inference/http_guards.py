@@ -8,9 +8,9 @@ Added to the BentoML service with `add_asgi_middleware`, outermost first:
 2. `RequestTimeoutMiddleware` answers 504 `timeout` in that shape when a request runs too long.
    BentoML's own traffic timeout sits outside every middleware and answers `{"error": "..."}`, so the
    service sets it a little longer, as a backstop only.
-3. `LoadSheddingMiddleware` caps classify requests in flight; the next one gets 429 + Retry-After at
-   once instead of queueing (BentoML's own `max_concurrency` answers 429 without Retry-After, in
-   another shape, so the limit lives here).
+3. `LoadSheddingMiddleware` caps classify requests in flight; a few more may wait briefly for a slot,
+   and the rest get 429 + Retry-After at once (BentoML's own `max_concurrency` answers 429 without
+   Retry-After, in another shape, so the limit lives here).
 4. `RequestGuardMiddleware` reads the request body before BentoML does: bodies over the byte limit get
    413 (from Content-Length when declared, else while streaming), and form bodies must send file
    fields as real file parts. That last check closes a hole: given a *text* value for a file field,
@@ -19,6 +19,8 @@ Added to the BentoML service with `add_asgi_middleware`, outermost first:
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import logging
 import math
@@ -156,27 +158,72 @@ class RequestTimeoutMiddleware:
 
 
 class LoadSheddingMiddleware:
-    """At most `max_concurrency` requests to `paths` at once; the rest get 429 + Retry-After immediately."""
+    """At most `max_concurrency` requests to `paths` run at once; up to `max_waiting` more wait for a slot
+    (at most `max_wait_s`); beyond that, 429 + Retry-After at once.
 
-    def __init__(self, app: ASGIApp, max_concurrency: int, paths: Iterable[str], retry_after_s: int = 1) -> None:
+    The short wait absorbs bursts and clients that ignore Retry-After: refusing costs a connection, a
+    header parse and an answer, about as much CPU as the work itself, so a storm of instant refusals would
+    crowd out the requests being served. Waiting requests are not read yet (the body guard is inside).
+    """
+
+    def __init__(self, app: ASGIApp, max_concurrency: int, paths: Iterable[str], retry_after_s: int = 1,
+                 max_waiting: int = 0, max_wait_s: float = 0.0) -> None:
         self.app = app
         self.max_concurrency = max_concurrency
         self.paths = frozenset(paths)
         self.retry_after_s = retry_after_s
+        self.max_waiting = max_waiting
+        self.max_wait_s = max_wait_s
         self.in_flight = 0
+        self.line: collections.deque[asyncio.Future[None]] = collections.deque()  # waiting, first come first
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
-        if self.in_flight >= self.max_concurrency:
+        if not await self.take_slot():
             return await send_error(send, 429, "overloaded",
                                     f"the server is at its limit of {self.max_concurrency} requests in flight; "
                                     f"retry after {self.retry_after_s} s", retry_after_s=self.retry_after_s)
-        self.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            self.release_slot()
+
+    async def take_slot(self) -> bool:
+        """A slot now, or after a bounded wait in line; False when the line is full or the wait ran out."""
+        if self.in_flight < self.max_concurrency and not self.line:
+            self.in_flight += 1
+            return True
+        if len(self.line) >= self.max_waiting:
+            return False
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.line.append(turn)
+        try:
+            with anyio.move_on_after(self.max_wait_s):
+                await turn
+        except BaseException:  # the request itself was cancelled while it waited
+            if not self.leave_line(turn):
+                self.release_slot()  # handed over just then: pass it on
+            raise
+        return not self.leave_line(turn)
+
+    def leave_line(self, turn: asyncio.Future[None]) -> bool:
+        """Step out of line after waiting; True if no slot was handed over (one handed over is kept)."""
+        if turn.done() and not turn.cancelled():
+            return False
+        turn.cancel()
+        if turn in self.line:
+            self.line.remove(turn)
+        return True
+
+    def release_slot(self) -> None:
+        """Hand the slot to the first request in line (in_flight stays), or free it."""
+        while self.line:
+            turn = self.line.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.in_flight -= 1
 
 
 class RequestGuardMiddleware:

@@ -2,7 +2,8 @@
 
 `ModelInfo` is the model's own description (labels in output order, preprocessing, softmax temperature,
 architecture, and whatever training recorded: metrics, dataset fingerprint, ...). `OnnxClassifier`
-runs the ONNX file and returns logits for a float32 [N, 3, H, W] batch; `predict(images)` chains
+runs the ONNX file and returns logits for a float32 [N, 3, H, W] batch (`logits`) or for uint8 pixels
+[N, H, W, 3] that it normalises itself (`logits_for_pixels`, what the service sends); `predict(images)` chains
 preprocessing, logits and postprocessing for decoded images.
 
 Build it from files (training's evaluation of the exported model):
@@ -27,7 +28,7 @@ from PIL import Image
 
 from inference.errors import ModelLoadError
 from inference.postprocess import Prediction, postprocess
-from inference.preprocess import Preprocessing, preprocess_batch
+from inference.preprocess import Preprocessing, normalize_pixels, preprocess_batch
 
 if TYPE_CHECKING:
     import bentoml
@@ -102,6 +103,10 @@ class OnnxClassifier:
         if batch.shape[0] == 0:
             return np.zeros((0, len(self.info.labels)), dtype=np.float32)
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def logits_for_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] pixels (`inference.preprocess.bytes_to_pixels`) -> float32 [N, num_labels]."""
+        return self.logits(normalize_pixels(pixels, self.info.preprocessing))
 
     def predict(self, images: Sequence[Image.Image], top_k: int = 3, threshold: float = 0.5) -> list[Prediction]:
         """Decoded RGB images -> predictions, the same steps the service runs (offline reference)."""

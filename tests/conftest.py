@@ -123,8 +123,8 @@ def server(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> I
     """The main test server: URL images from `localhost` allowed, short fetch timeouts."""
     srv = start_server(tiny_model.home, tmp_path_factory.mktemp("logs") / "server.log",
                        RC_URL_ALLOWLIST="localhost", RC_FETCH_TOTAL_TIMEOUT_S="2", RC_FETCH_READ_TIMEOUT_S="1",
-                       RC_FETCH_CONNECT_TIMEOUT_S="1", RC_MAX_CONCURRENCY="24", RC_MAX_IMAGE_BYTES=str(4 << 20),
-                       RC_MAX_REQUEST_BYTES=str(16 << 20), RC_MAX_PIXELS="30000000")
+                       RC_FETCH_CONNECT_TIMEOUT_S="1", RC_MAX_CONCURRENCY="24", RC_MAX_QUEUED="0",
+                       RC_MAX_IMAGE_BYTES=str(4 << 20), RC_MAX_REQUEST_BYTES=str(16 << 20), RC_MAX_PIXELS="30000000")
     yield srv
     stop_server(srv)
 

@@ -118,3 +118,56 @@ def test_request_timeout_answers_504_in_our_envelope_unless_the_answer_started()
     assert status == 504 and body["error"]["code"] == "timeout" and body["error"]["message"]
     assert asyncio.run(status_and_body("/quick")) == (200, b"ok")
     assert asyncio.run(status_and_body("/streaming")) == (200, b"ok")
+
+
+def test_load_shedding_lets_a_few_wait_in_line_then_refuses_at_once() -> None:
+    release = asyncio.Event()
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def scenario() -> list[int]:
+        guard = LoadSheddingMiddleware(slow_app, max_concurrency=2, paths=["/classify"], retry_after_s=1,
+                                       max_waiting=2, max_wait_s=5.0)
+        recorders = [Recorder() for _ in range(5)]
+        tasks = [asyncio.create_task(guard(http_scope(), None, recorder)) for recorder in recorders[:4]]
+        await asyncio.sleep(0.01)
+        assert guard.in_flight == 2 and len(guard.line) == 2
+        await guard(http_scope(), None, recorders[4])  # the line is full: answered at once
+        release.set()
+        await asyncio.gather(*tasks)
+        assert guard.in_flight == 0 and not guard.line
+        return [recorder.status for recorder in recorders]
+
+    assert asyncio.run(scenario()) == [200, 200, 200, 200, 429]
+
+
+def test_load_shedding_refuses_after_the_longest_wait_and_frees_the_line() -> None:
+    release = asyncio.Event()
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def scenario() -> list[int]:
+        guard = LoadSheddingMiddleware(slow_app, max_concurrency=1, paths=["/classify"], retry_after_s=1,
+                                       max_waiting=4, max_wait_s=0.05)
+        recorders = [Recorder() for _ in range(3)]
+        holder = asyncio.create_task(guard(http_scope(), None, recorders[0]))
+        await asyncio.sleep(0.01)
+        await guard(http_scope(), None, recorders[1])  # waits 50 ms, then 429
+        assert not guard.line and guard.in_flight == 1
+        waiter = asyncio.create_task(guard(http_scope(), None, recorders[2]))
+        await asyncio.sleep(0.01)
+        waiter.cancel()  # the client went away while in line: its place is freed
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert not guard.line and guard.in_flight == 1
+        release.set()
+        await holder
+        assert guard.in_flight == 0
+        return [recorder.status for recorder in recorders[:2]]
+
+    assert asyncio.run(scenario()) == [200, 429]

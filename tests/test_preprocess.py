@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.preprocess import Preprocessing, preprocess, preprocess_batch, trim_long_side
+from inference.preprocess import (Preprocessing, normalize_pixels, preprocess, preprocess_batch, to_pixels,
+                                  trim_long_side)
 
 
 def photo_like(width: int, height: int) -> Image.Image:
@@ -47,3 +48,22 @@ def test_preprocessing_round_trips_through_model_metadata() -> None:
     config = Preprocessing(image_size=192, resize_size=220)
     assert Preprocessing.from_dict(config.to_dict()) == config
     assert preprocess_batch([], config).shape == (0, 3, 192, 192)
+
+
+def test_normalize_pixels_is_exactly_the_float_arithmetic() -> None:
+    """The lookup table must give the same bits as (v / 255 - mean) / std on every pixel."""
+    config = Preprocessing()
+    pixels = np.random.default_rng(3).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    expected = (pixels.astype(np.float32) / 255.0 - np.asarray(config.mean, dtype=np.float32)) / np.asarray(
+        config.std, dtype=np.float32)
+    actual = normalize_pixels(pixels, config)
+    assert actual.dtype == np.float32 and actual.shape == (2, 3, 224, 224)
+    assert np.array_equal(actual, expected.transpose(0, 3, 1, 2))
+
+
+def test_pixels_then_normalisation_is_preprocess() -> None:
+    config = Preprocessing()
+    image = photo_like(640, 480)
+    pixels = to_pixels(image, config)
+    assert pixels.dtype == np.uint8 and pixels.shape == (224, 224, 3)
+    assert np.array_equal(normalize_pixels(pixels[None], config)[0], preprocess(image, config))

@@ -48,7 +48,7 @@ def test_corrupt_model_is_up_but_never_ready(corrupt_server: Server) -> None:
     assert corrupt_server.alive()
     log = corrupt_server.log()
     assert "MODEL NOT LOADED" in log and "ONNX Runtime cannot load model.onnx" in log
-    assert log.count("Service room_classifier_model initialized") == 1  # not restarting in a loop
+    assert log.count("Service room_classifier initialized") == 1  # not restarting in a loop
 
 
 def test_corrupt_model_health_and_classify_say_why(corrupt_server: Server, tmp_path: Path) -> None:
