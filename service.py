@@ -4,7 +4,8 @@ Two BentoML services, one bento:
 
 - `RoomClassifier` (the API, public): takes image URLs and uploads, fetches/decodes/validates/preprocesses
   each image on its own (`inference/`), so one bad image never fails a batch, then asks the model
-  service for logits and answers with softmax probabilities. Also serves `GET /` and `GET /health`.
+  service for logits and answers with softmax probabilities. Also serves `GET /health`, the web page
+  at `GET /` and Swagger UI at `GET /docs` (`inference/web.py`).
 - `RoomClassifierModel` (internal, reached through `bentoml.depends`): holds the ONNX Runtime session and
   exposes `logits` as a `batchable=True` API, so concurrent requests are merged into one ONNX call by
   BentoML's adaptive batcher.
@@ -43,13 +44,14 @@ from inference.http_guards import (ErrorEnvelopeMiddleware, LoadSheddingMiddlewa
 from inference.model import ModelInfo, OnnxClassifier
 from inference.postprocess import Prediction, postprocess
 from inference.preprocess import bytes_to_input
+from inference.web import web_routes
 
 logger = logging.getLogger("bentoml.service.room_classifier")
 
 CONFIG = ServiceConfig.from_env()
 MODEL = bentoml.models.BentoModel(CONFIG.model_tag)
 CLASSIFY_ROUTES = ("/classify", "/classify_batch")
-HEALTH_ROUTES = ("/", "/health")
+HEALTH_ROUTES = ("/health",)
 FILE_FIELDS = ("image", "images")
 # RequestTimeoutMiddleware answers at RC_REQUEST_TIMEOUT_S in our error shape; BentoML's own timeout
 # (another shape) only catches what it could not, e.g. a decode still running when the time is up.
@@ -184,7 +186,7 @@ class RoomClassifierModel:
 
 
 # ----------------------------------------------------------------------------------------------------
-# GET / and GET /health (BentoML APIs are POST; these come from a small mounted Starlette app)
+# GET /health, the web page and /docs (BentoML APIs are POST; these come from a small mounted Starlette app)
 
 
 async def health(_: Request) -> JSONResponse:
@@ -194,7 +196,7 @@ async def health(_: Request) -> JSONResponse:
     return JSONResponse(payload, status_code=200 if payload["status"] == "ok" else 503)
 
 
-health_app = Starlette(routes=[Route(path, health, methods=["GET"]) for path in HEALTH_ROUTES])
+health_app = Starlette(routes=[Route(path, health, methods=["GET"]) for path in HEALTH_ROUTES] + web_routes())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -377,7 +379,11 @@ class RoomClassifier:
                 "model_info": info.to_dict(), "batching": batching,
                 "config": {"max_batch_size": CONFIG.max_batch_size, "max_latency_ms": CONFIG.max_latency_ms,
                            "max_concurrency": CONFIG.max_concurrency, "workers": CONFIG.workers,
-                           "ort_threads": CONFIG.ort_threads, "url_fetch": CONFIG.url_fetch}}
+                           "ort_threads": CONFIG.ort_threads, "url_fetch": CONFIG.url_fetch,
+                           # the web page reads these three
+                           "max_images_per_request": CONFIG.max_images_per_request,
+                           "max_image_bytes": CONFIG.max_image_bytes,
+                           "uncertain_threshold": CONFIG.uncertain_threshold}}
 
     def error_response(self, exc: ServiceError) -> JSONResponse:
         headers = {"Retry-After": str(CONFIG.retry_after_s)} if exc.status in (429, 503) else None
