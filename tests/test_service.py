@@ -80,14 +80,13 @@ def error_of(call: Callable[[], Any]) -> tuple[int, dict[str, Any]]:
 # ---- health --------------------------------------------------------------------------------------------
 
 
-def test_health_and_root_report_model_and_labels(client: bentoml.SyncHTTPClient, tiny_model: TinyModel) -> None:
-    for path in ("/health", "/"):
-        response = client.request("GET", path)
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert body["status"] == "ok" and body["model"] == tiny_model.tag
-        assert body["labels"] == tiny_model.metadata["labels"] and body["architecture"] == "tiny_gap_gemm"
-        assert body["model_info"]["temperature"] == tiny_model.metadata["temperature"]
+def test_health_reports_model_and_labels(client: bentoml.SyncHTTPClient, tiny_model: TinyModel) -> None:
+    response = client.request("GET", "/health")  # GET / is the web page (tests/test_web_page.py)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "ok" and body["model"] == tiny_model.tag
+    assert body["labels"] == tiny_model.metadata["labels"] and body["architecture"] == "tiny_gap_gemm"
+    assert body["model_info"]["temperature"] == tiny_model.metadata["temperature"]
 
 
 def test_bentoml_probes_stay_available(client: bentoml.SyncHTTPClient) -> None:
