@@ -29,7 +29,8 @@ ASSETS_PATH = "/web"
 # blob: for thumbnails of the user's own files (object URLs); nothing from other origins.
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
             "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
-# Swagger UI (React) sets style attributes and uses data: SVG icons; still nothing from other origins.
+# Swagger UI (React) applies inline styles (it breaks without 'unsafe-inline') and uses data: SVG icons;
+# still nothing from other origins.
 DOCS_CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
             "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
