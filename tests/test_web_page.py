@@ -15,6 +15,7 @@ ROOM_REQUIRE_BROWSER=1 (CI) makes that a failure. The header and /docs checks ne
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import os
@@ -26,7 +27,8 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from tests.conftest import ImageHost, Server, encode, real_photos, solid_jpeg
+from tests.conftest import (ImageHost, Server, TinyModel, encode, noisy_image, real_photos, solid_jpeg, start_server,
+                            stop_server)
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -34,6 +36,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 DESKTOP = {"width": 1200, "height": 900}
 PHONE = {"width": 375, "height": 800}
 BAR_TOLERANCE = 0.01  # a bar's width / its track's width, against the probability (sub-pixel rounding)
+SMALL_IMAGE_LIMIT = 100_000  # bytes per image on the small-limits server: the real photos are ~30 kB
+SMALL_REQUEST_LIMIT = 250_000
 WAIT_MS = 60_000  # the CPU is shared: generous waits, failures still name what was missing
 
 
@@ -201,10 +205,9 @@ class PageSession:
                                               "type": file[2]}])
 
 
-@pytest.fixture
-def web(browser: Any, server: Server, screenshots: Path, request: pytest.FixtureRequest) -> Iterator[PageSession]:
-    """A fresh desktop-sized tab (its own context: no state between tests) that must end without script errors."""
-    viewport = getattr(request, "param", DESKTOP)
+@contextlib.contextmanager
+def page_session(browser: Any, server: Server, screenshots: Path, viewport: dict[str, int]) -> Iterator[PageSession]:
+    """A fresh tab in its own context (no state between tests) that must end without script errors."""
     context = browser.new_context(viewport=viewport, accept_downloads=True)
     try:
         session = PageSession(context.new_page(), server, screenshots)
@@ -213,6 +216,25 @@ def web(browser: Any, server: Server, screenshots: Path, request: pytest.Fixture
         assert session.csp_violations == [], session.csp_violations
     finally:
         context.close()
+
+
+@pytest.fixture
+def web(browser: Any, server: Server, screenshots: Path, request: pytest.FixtureRequest) -> Iterator[PageSession]:
+    """A tab on the main test server; desktop-sized unless parametrized with a viewport."""
+    with page_session(browser, server, screenshots, getattr(request, "param", DESKTOP)) as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def small_limits_server(browser: Any, tiny_model: TinyModel,
+                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with small limits and a high threshold, for what the page learns from /health (after `browser`:
+    no server is started where the browser tests are skipped)."""
+    srv = start_server(tiny_model.home, tmp_path_factory.mktemp("logs") / "web_small_limits.log",
+                       RC_MAX_IMAGES_PER_REQUEST="3", RC_UNCERTAIN_THRESHOLD="0.9",
+                       RC_MAX_IMAGE_BYTES=str(SMALL_IMAGE_LIMIT), RC_MAX_REQUEST_BYTES=str(SMALL_REQUEST_LIMIT))
+    yield srv
+    stop_server(srv)
 
 
 @pytest.fixture(scope="module")
@@ -411,6 +433,58 @@ def test_works_at_phone_width(web: PageSession, photos: list[Path]) -> None:
     web.shot("07-phone-375px")
 
 
+def test_page_follows_the_services_limits_and_threshold(browser: Any, small_limits_server: Server,
+                                                       screenshots: Path, tmp_path: Path) -> None:
+    """Limit 3 per request and threshold 0.9 come from /health: 7 photos go as 3 + 3 + 1, all "not sure"; an image
+    over the byte limit gets its error in its batch, and a request over the body limit fails each of its photos."""
+    photos = real_photos(per_class=2)[:6]
+    if len(photos) < 6:
+        pytest.skip("the shared real room photos are missing (ROOM_TEST_PHOTOS)")
+    large = tmp_path / "large.jpg"
+    large.write_bytes(encode(noisy_image((480, 360), seed=1), "JPEG", quality=90))
+    size = large.stat().st_size  # over the image limit; fits a request with two photos, two of it do not
+    assert SMALL_IMAGE_LIMIT < size < SMALL_REQUEST_LIMIT - 2 * max(p.stat().st_size for p in photos) - 10_000
+    assert 2 * size > SMALL_REQUEST_LIMIT
+    with page_session(browser, small_limits_server, screenshots, DESKTOP) as web:
+        sent: list[str] = []
+        web.page.on("request", lambda request: sent.append(request.url.rsplit("/", 1)[1])
+                    if request.method == "POST" else None)
+        answers: list[dict[str, Any]] = []
+        web.page.on("response", lambda response: answers.append(response.json())
+                    if response.request.method == "POST" else None)
+        web.open()
+        web.page.get_by_text("Up to 3 photos go in one request").wait_for()
+        assert web.page.get_by_label("Say “not sure” below this confidence").input_value() == "0.9"
+
+        gallery = photos[:2] + [large] + photos[2:]
+        web.page.set_input_files("#file-input", [str(path) for path in gallery])
+        web.wait_until_answered(len(gallery))
+        assert sent == ["classify_batch", "classify_batch", "classify"]
+        shown = [item for answer in answers[:2] for item in answer["results"]] + [{"result": answers[2]}]
+        for path, item in zip(gallery, shown):
+            if path == large:
+                assert item["error"]["code"] == "image_too_large"
+                assert_shows_error(web, "large.jpg", "image_too_large")
+            else:
+                assert item["result"]["uncertain"] is True
+                assert_shows_result(web, path.name, item["result"])
+        web.shot("08-limits-from-health")
+
+        web.page.get_by_role("button", name="Clear").click()
+        web.wait_until_answered(0)
+        twice = tmp_path / "twice"
+        twice.mkdir()
+        copies = [twice / "first.jpg", twice / "second.jpg"]
+        for copy in copies:
+            copy.write_bytes(large.read_bytes())
+        web.page.set_input_files("#file-input", [str(copy) for copy in copies])
+        web.wait_until_answered(2)
+        assert answers[-1]["error"]["code"] == "request_too_large"
+        for copy in copies:
+            assert_shows_error(web, copy.name, "request_too_large")
+        web.shot("09-request-too-large")
+
+
 def test_swagger_ui_renders_the_api_in_the_browser(web: PageSession) -> None:
     web.open()
     web.external_images_expected = True
@@ -418,7 +492,7 @@ def test_swagger_ui_renders_the_api_in_the_browser(web: PageSession) -> None:
     web.page.wait_for_url(web.server.url + "/docs")
     web.page.get_by_text("/classify_batch", exact=True).first.wait_for(timeout=WAIT_MS)
     web.page.get_by_text("/classify", exact=True).first.wait_for()
-    web.shot("08-swagger-docs")
+    web.shot("10-swagger-docs")
 
 
 def encode_png_of(photo: Path) -> bytes:
