@@ -140,12 +140,16 @@ class PageSession:
         self.server = server
         self.screenshots = screenshots
         self.script_errors: list[str] = []
+        self.console_errors: list[str] = []
         self.csp_violations: list[str] = []
         self.external_images_expected = False  # Swagger UI: BentoML's description shows badges from elsewhere
         page.on("pageerror", lambda error: self.script_errors.append(str(error)))
         page.on("console", self.note_console)
 
     def note_console(self, message: Any) -> None:
+        source = (message.location or {}).get("url", "")
+        if message.type == "error" and not source.endswith(("/classify", "/classify_batch")):
+            self.console_errors.append(f"{message.text} ({source})")  # API refusals are shown on the page instead
         if "Content Security Policy" not in message.text:
             return
         if self.external_images_expected and message.text.startswith("Loading the image 'https://"):
@@ -214,6 +218,8 @@ def page_session(browser: Any, server: Server, screenshots: Path, viewport: dict
         yield session
         assert session.script_errors == [], session.script_errors
         assert session.csp_violations == [], session.csp_violations
+        if not session.external_images_expected:
+            assert session.console_errors == [], session.console_errors
     finally:
         context.close()
 
@@ -449,8 +455,8 @@ def test_page_follows_the_services_limits_and_threshold(browser: Any, small_limi
         sent: list[str] = []
         web.page.on("request", lambda request: sent.append(request.url.rsplit("/", 1)[1])
                     if request.method == "POST" else None)
-        answers: list[dict[str, Any]] = []
-        web.page.on("response", lambda response: answers.append(response.json())
+        responses: list[Any] = []
+        web.page.on("response", lambda response: responses.append(response)
                     if response.request.method == "POST" else None)
         web.open()
         web.page.get_by_text("Up to 3 photos go in one request").wait_for()
@@ -460,6 +466,7 @@ def test_page_follows_the_services_limits_and_threshold(browser: Any, small_limi
         web.page.set_input_files("#file-input", [str(path) for path in gallery])
         web.wait_until_answered(len(gallery))
         assert sent == ["classify_batch", "classify_batch", "classify"]
+        answers = [response.json() for response in responses]
         shown = [item for answer in answers[:2] for item in answer["results"]] + [{"result": answers[2]}]
         for path, item in zip(gallery, shown):
             if path == large:
@@ -477,9 +484,10 @@ def test_page_follows_the_services_limits_and_threshold(browser: Any, small_limi
         copies = [twice / "first.jpg", twice / "second.jpg"]
         for copy in copies:
             copy.write_bytes(large.read_bytes())
-        web.page.set_input_files("#file-input", [str(copy) for copy in copies])
+        with web.page.expect_response(lambda response: response.url.endswith("/classify_batch")) as answered:
+            web.page.set_input_files("#file-input", [str(copy) for copy in copies])
+        assert answered.value.status == 413 and answered.value.json()["error"]["code"] == "request_too_large"
         web.wait_until_answered(2)
-        assert answers[-1]["error"]["code"] == "request_too_large"
         for copy in copies:
             assert_shows_error(web, copy.name, "request_too_large")
         web.shot("09-request-too-large")
