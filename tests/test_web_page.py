@@ -92,6 +92,27 @@ def test_swagger_ui_is_served_at_docs_from_bentomls_own_assets(server: Server) -
     assert {"/classify", "/classify_batch"} <= set(spec["paths"])
 
 
+# (text colour, background colour) pairs the stylesheet puts together; WCAG AA wants 4.5:1 for text
+CONTRAST_PAIRS = [("text", "card"), ("muted", "card"), ("muted", "bg"), ("accent", "card"), ("card", "accent"),
+                  ("error", "error-bg"), ("unsure", "unsure-bg"), ("muted", "track")]
+
+
+def relative_luminance(colour: str) -> float:
+    channels = [int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def test_page_colours_have_readable_contrast() -> None:
+    css = (Path(__file__).resolve().parents[1] / "inference" / "static" / "style.css").read_text()
+    colours = dict(re.findall(r"--([a-z-]+):\s*(#[0-9a-f]{6});", css))
+    for text, background in CONTRAST_PAIRS:
+        light, dark = sorted((relative_luminance(colours[text]), relative_luminance(colours[background])),
+                             reverse=True)
+        ratio = (light + 0.05) / (dark + 0.05)
+        assert ratio >= 4.5, f"--{text} on --{background}: contrast {ratio:.1f}:1"
+
+
 # ----------------------------------------------------------------------------------------------------
 # The browser
 
