@@ -60,7 +60,7 @@ def test_page_is_html_with_a_strict_content_security_policy(server: Server) -> N
     assert csp["frame-ancestors"] == ["'none'"]
     assert response.headers["x-content-type-options"] == "nosniff"
     html = response.text
-    assert re.findall(r"<script[^>]*>", html) == ['<script src="/web/app.js" defer>']  # no inline script
+    assert re.findall(r"<script[^>]*>", html) == ['<script src="web/app.js" defer>']  # no inline script
     assert not re.search(r"\son[a-z]+\s*=", html) and "style=" not in html and "<style" not in html
     assert "http://" not in html and "https://" not in html.replace('placeholder="https://example.com', "")
 

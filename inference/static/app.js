@@ -34,7 +34,7 @@
     const status = byId("service-status");
     let body = null;
     try {
-      const response = await fetch("/health", { headers: { Accept: "application/json" } });
+      const response = await fetch("health", { headers: { Accept: "application/json" } });
       body = await response.json();
     } catch (err) {
       status.textContent = "The service cannot be reached right now; photos added now will get an error.";
@@ -191,7 +191,7 @@
   function requestFor(chunk) {
     const limit = threshold();
     const single = chunk.length === 1;
-    const path = single ? "/classify" : "/classify_batch";
+    const path = single ? "classify" : "classify_batch"; // relative: works behind a path prefix too
     if (chunk[0].source === "file") {
       const form = new FormData();
       for (const entry of chunk) form.append(single ? "image" : "images", entry.file, entry.file.name || "image");
@@ -237,7 +237,7 @@
       chunk.forEach((entry) => showError(entry, error));
       return;
     }
-    if (request.path === "/classify") {
+    if (request.path === "classify") {
       showResult(chunk[0], body);
       return;
     }

@@ -2,7 +2,7 @@
 // otherwise load a badge from validator.swagger.io.
 "use strict";
 window.ui = SwaggerUIBundle({
-  url: "/docs.json",
+  url: "docs.json",
   dom_id: "#swagger-ui",
   deepLinking: true,
   validatorUrl: null,
