@@ -4,11 +4,13 @@ service.py mounts these next to `GET /health` in its small Starlette app. Everyt
 file in `inference/static/` (plain HTML, CSS and JS, no framework), served from `/web/`: no CDN, no external
 font, so the page works offline and behind a firewall, and bentofile.yaml ships the folder in the bento.
 
-`/docs` reuses the Swagger UI that BentoML ships and serves (`/static_content/*`, `/docs.json`) with our
-own small HTML and initializer instead of BentoML's index page, which loads Google Tag Manager.
+`/docs` reuses the Swagger UI that BentoML ships and serves (`/static_content/*`, `/docs.json`; BentoML 1.4
+serves both unless its `new_index` feature is turned on) with our own small HTML and initializer instead of
+BentoML's index page, which loads Google Tag Manager.
 
 Every answer carries a strict Content-Security-Policy (scripts, styles, images and requests from this origin
-only; no inline script or style), `X-Content-Type-Options: nosniff`, no framing and no referrer.
+only; no inline script or style, except the inline styles Swagger UI needs on /docs),
+`X-Content-Type-Options: nosniff`, no framing and no referrer.
 """
 
 from __future__ import annotations
