@@ -17,7 +17,7 @@ export BENTOML_DO_NOT_TRACK ?= true
 LOCAL_BASE ?= localhost/bento-base:bookworm
 EXTRA_CA ?= /usr/local/share/ca-certificates
 
-.PHONY: setup dataset train compare bento serve container-setup image run-image bench soak benchmark-data all test test-e2e
+.PHONY: setup dataset train compare bento serve container-setup image run-image bench soak benchmark-data all test test-e2e test-web
 
 setup: $(VENV)/.installed
 
@@ -67,3 +67,7 @@ test: setup
 
 test-e2e: setup
 	$(PY) -m pytest -m e2e
+
+# The web page in headless Debian chromium (apt-get install -y chromium); screenshots of each state kept under $(OUT).
+test-web: setup
+	ROOM_REQUIRE_BROWSER=1 ROOM_SCREENSHOTS=$(OUT)/web_screenshots $(PY) -m pytest tests/test_web_page.py

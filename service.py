@@ -4,8 +4,9 @@
 (`inference/`), so one bad image never fails a batch, and answers with softmax probabilities. The ONNX
 Runtime session lives in the same process: concurrent requests are merged into one ONNX call by
 `inference.batching.GreedyBatcher` (adaptive batching that never holds a request back while the model is
-idle), with no hop to a second process (README, "Serving speed", says what that hop cost). Also serves
-`GET /` and `GET /health`. Scale out with RC_WORKERS (one model session per worker process).
+idle), with no hop to a second process (README, "Serving speed", says what that hop cost). Scale out with
+RC_WORKERS (one model session per worker process). Also serves `GET /health`, the web page at `GET /` and
+Swagger UI at `GET /docs` (`inference/web.py`).
 
 Everything is configured by `RC_*` environment variables, listed in `inference/config.py`.
 Run: `bentoml serve service:RoomClassifier` (add `--port 3000`).
@@ -39,13 +40,14 @@ from inference.http_guards import (ErrorEnvelopeMiddleware, LoadSheddingMiddlewa
 from inference.model import ModelInfo, OnnxClassifier
 from inference.postprocess import Prediction, postprocess
 from inference.preprocess import bytes_to_pixels
+from inference.web import web_routes
 
 logger = logging.getLogger("bentoml.service.room_classifier")
 
 CONFIG = ServiceConfig.from_env()
 MODEL = bentoml.models.BentoModel(CONFIG.model_tag)
 CLASSIFY_ROUTES = ("/classify", "/classify_batch")
-HEALTH_ROUTES = ("/", "/health")
+HEALTH_ROUTES = ("/health",)
 FILE_FIELDS = ("image", "images")
 # RequestTimeoutMiddleware answers at RC_REQUEST_TIMEOUT_S in our error shape; BentoML's own timeout
 # (another shape) only catches what it could not, e.g. a decode still running when the time is up.
@@ -114,7 +116,7 @@ class ImageInput:
 
 
 # ----------------------------------------------------------------------------------------------------
-# GET / and GET /health (BentoML APIs are POST; these come from a small mounted Starlette app)
+# GET /health, the web page and /docs (BentoML APIs are POST; these come from a small mounted Starlette app)
 
 
 async def health(_: Request) -> JSONResponse:
@@ -124,7 +126,7 @@ async def health(_: Request) -> JSONResponse:
     return JSONResponse(payload, status_code=200 if payload["status"] == "ok" else 503)
 
 
-health_app = Starlette(routes=[Route(path, health, methods=["GET"]) for path in HEALTH_ROUTES])
+health_app = Starlette(routes=[Route(path, health, methods=["GET"]) for path in HEALTH_ROUTES] + web_routes())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,7 +311,11 @@ class RoomClassifier:
                 "config": {"max_batch_size": CONFIG.max_batch_size, "max_latency_ms": CONFIG.max_latency_ms,
                            "max_concurrency": CONFIG.max_concurrency, "max_queued": CONFIG.max_queued,
                            "workers": CONFIG.workers, "ort_threads": CONFIG.ort_threads,
-                           "decode_threads": CONFIG.decode_threads, "url_fetch": CONFIG.url_fetch}}
+                           "decode_threads": CONFIG.decode_threads, "url_fetch": CONFIG.url_fetch,
+                           # the web page reads these three
+                           "max_images_per_request": CONFIG.max_images_per_request,
+                           "max_image_bytes": CONFIG.max_image_bytes,
+                           "uncertain_threshold": CONFIG.uncertain_threshold}}
 
     def error_response(self, exc: ServiceError) -> JSONResponse:
         headers = {"Retry-After": str(CONFIG.retry_after_s)} if exc.status in (429, 503) else None

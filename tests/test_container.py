@@ -85,8 +85,9 @@ def test_bentofile_includes_only_serving_code():
     included = included_by_bentofile(repo_files())
     assert "service.py" in included
     assert "inference/preprocess.py" in included
+    assert {"inference/static/index.html", "inference/static/app.js", "inference/static/style.css"} <= included
     assert all(path == "service.py" or (path.startswith("inference/") and path.endswith(".py"))
-               for path in included), sorted(included)
+               or path.startswith("inference/static/") for path in included), sorted(included)
 
 
 def test_bentofile_leaves_out_data_venv_tests_training_and_build_output():
@@ -94,7 +95,7 @@ def test_bentofile_leaves_out_data_venv_tests_training_and_build_output():
                   "tests/inference/fixture.py", "training/export.py", "data_prep/service.py",
                   "artifacts/model.onnx", "artifacts/dataset/train/kitchen/a.jpg", "inference/__pycache__/x.pyc",
                   "benchmarks/bench_service.py", "bentoml_home/models/room_classifier/x/model.onnx",
-                  "inference/model.onnx", "inference/notes.md"]
+                  "inference/model.onnx", "inference/notes.md", "inference/static/__pycache__/x.pyc"]
     assert included_by_bentofile(lookalikes) == set()
 
 

@@ -80,14 +80,13 @@ def error_of(call: Callable[[], Any]) -> tuple[int, dict[str, Any]]:
 # ---- health --------------------------------------------------------------------------------------------
 
 
-def test_health_and_root_report_model_and_labels(client: bentoml.SyncHTTPClient, tiny_model: TinyModel) -> None:
-    for path in ("/health", "/"):
-        response = client.request("GET", path)
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert body["status"] == "ok" and body["model"] == tiny_model.tag
-        assert body["labels"] == tiny_model.metadata["labels"] and body["architecture"] == "tiny_gap_gemm"
-        assert body["model_info"]["temperature"] == tiny_model.metadata["temperature"]
+def test_health_reports_model_and_labels(client: bentoml.SyncHTTPClient, tiny_model: TinyModel) -> None:
+    response = client.request("GET", "/health")  # GET / is the web page (tests/test_web_page.py)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "ok" and body["model"] == tiny_model.tag
+    assert body["labels"] == tiny_model.metadata["labels"] and body["architecture"] == "tiny_gap_gemm"
+    assert body["model_info"]["temperature"] == tiny_model.metadata["temperature"]
 
 
 def test_bentoml_probes_stay_available(client: bentoml.SyncHTTPClient) -> None:
@@ -163,6 +162,8 @@ def test_several_images_in_one_request(client: bentoml.SyncHTTPClient, offline: 
 
 
 def test_batches_larger_than_one_form_under_concurrent_load(server: Server, photos: dict[str, Path]) -> None:
+    """The batcher merges requests that arrive while the model runs. With the tiny model a run is short, so
+    whether two requests meet there depends on timing: up to three rounds of load, and one merge is enough."""
     before = batch_histogram(server)
     local = threading.local()
 
@@ -171,14 +172,19 @@ def test_batches_larger_than_one_form_under_concurrent_load(server: Server, phot
             local.client = server.client()
         return local.client.classify(image=photos[list(COLOURS)[index % 4]])["class"]
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        classes = list(pool.map(classify_one, range(160)))
-    assert len(classes) == 160 and set(classes) == {"bedroom", "kitchen", "bathroom", "living_room"}
+    requests_sent = 0
+    for _ in range(3):
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            classes = list(pool.map(classify_one, range(160)))
+        requests_sent += 160
+        assert len(classes) == 160 and set(classes) == {"bedroom", "kitchen", "bathroom", "living_room"}
+        if requests.get(server.url + "/health", timeout=10).json()["batching"]["largest_batch"] > 1:
+            break
     after = batch_histogram(server)
     # the service's histogram of images per model run (rc_batch_size, see inference/stages.py)
     batches = after["count"] - before["count"]
     singles = after["le_1"] - before["le_1"]
-    assert batches < 160 and singles < batches, (before, after)
+    assert batches < requests_sent and singles < batches, (before, after)
     stats = requests.get(server.url + "/health", timeout=10).json()["batching"]
     assert stats["largest_batch"] > 1
 
