@@ -262,3 +262,15 @@ def test_container_answers_like_bentoml_serve(container_url, served_url, photos)
     assert_same_answers(container_singles, served_singles)
     assert_same_answers(container_batch, served_batch)
     assert_same_answers(container_batch, container_singles)  # batching does not change answers
+
+
+MAX_IMAGE_MB = 600  # BentoML's default recipe made 1.34 GB, mostly compilers that no wheel needs
+
+
+@pytest.mark.e2e
+def test_image_is_small_and_has_no_compilers(image):
+    size = int(run(["podman", "image", "inspect", "--format", "{{.Size}}", image[0]]).stdout.strip())
+    assert size <= MAX_IMAGE_MB * 1_000_000, f"{image[0]} is {size / 1e6:.0f} MB"
+    found = run(["podman", "run", "--rm", "--entrypoint", "/bin/sh", image[0], "-c",
+                 "command -v gcc cc git make || true"]).stdout.split()
+    assert found == [], found
