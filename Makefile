@@ -54,7 +54,7 @@ run-image:
 	scripts/container/run_container.sh $(IMAGE) $(PORT)
 
 bench: setup
-	$(PY) -m benchmarks.bench_service --json $(OUT)/bench.json --plot $(OUT)/bench.png
+	$(PY) -m benchmarks.speed --batching-off --overload --json $(OUT)/speed.json
 
 soak: setup
 	$(PY) -m benchmarks.soak --json $(OUT)/soak.json --plot $(OUT)/soak.png

@@ -1,5 +1,5 @@
 """Shared parts of the load commands: a `bentoml serve` subprocess, real room photos at realistic sizes,
-latency percentiles, the server's memory and the batch sizes BentoML reports in /metrics.
+latency percentiles and the server's memory.
 
 Everything talks to 127.0.0.1 only.
 """
@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -203,40 +202,6 @@ def percentiles_ms(latencies_s: Sequence[float]) -> dict[str, float]:
     values = np.asarray(latencies_s) * 1000.0
     return {"p50": float(np.percentile(values, 50)), "p95": float(np.percentile(values, 95)),
             "p99": float(np.percentile(values, 99)), "mean": float(values.mean()), "max": float(values.max())}
-
-
-@dataclass
-class BatchStats:
-    """Totals of BentoML's `bentoml_service_adaptive_batch_size` histogram (all workers and methods)."""
-
-    batches: float = 0.0
-    items: float = 0.0
-
-    def minus(self, earlier: "BatchStats") -> "BatchStats":
-        return BatchStats(self.batches - earlier.batches, self.items - earlier.items)
-
-    @property
-    def mean_batch_size(self) -> float:
-        return self.items / self.batches if self.batches else float("nan")
-
-
-_METRIC_LINE = re.compile(r'^bentoml_service_adaptive_batch_size_(sum|count)\{([^}]*)\}\s+([0-9.eE+-]+)$')
-
-
-def read_batch_stats(url: str) -> BatchStats:
-    """Parse /metrics for the adaptive batch size histogram; zeros when batching never ran."""
-    stats = BatchStats()
-    text = requests.get(f"{url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        match = _METRIC_LINE.match(line)
-        if not match:
-            continue
-        kind, _labels, value = match.groups()
-        if kind == "sum":
-            stats.items += float(value)
-        else:
-            stats.batches += float(value)
-    return stats
 
 
 def require_loopback_url(parser: argparse.ArgumentParser, url: str | None) -> None:

@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import requests
 
 from benchmarks.common import (DEFAULT_DATA, DEFAULT_SERVICE, BentoServer, find_room_photos, free_port,

@@ -94,7 +94,7 @@ def test_bentofile_leaves_out_data_venv_tests_training_and_build_output():
     lookalikes = [".venv/lib/python3.11/site-packages/bentoml/service.py", "tests/test_service.py",
                   "tests/inference/fixture.py", "training/export.py", "data_prep/service.py",
                   "artifacts/model.onnx", "artifacts/dataset/train/kitchen/a.jpg", "inference/__pycache__/x.pyc",
-                  "benchmarks/bench_service.py", "bentoml_home/models/room_classifier/x/model.onnx",
+                  "benchmarks/speed.py", "bentoml_home/models/room_classifier/x/model.onnx",
                   "inference/model.onnx", "inference/notes.md", "inference/static/__pycache__/x.pyc"]
     assert included_by_bentofile(lookalikes) == set()
 
