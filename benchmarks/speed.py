@@ -272,7 +272,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default="upload,url")
     parser.add_argument("--seconds", type=float, default=20.0, help="per wrk run")
     parser.add_argument("--batching-off", action="store_true", help="also 1 and 8 in flight with batching off")
-    parser.add_argument("--overload", action="store_true", help="also 64 connections ignoring Retry-After")
+    parser.add_argument("--overload", action="store_true",
+                        help="also many connections ignoring Retry-After (see --overload-connections)")
+    parser.add_argument("--overload-connections", default="64,256",
+                        help="64: the issue's test (within the admission line); 256: far beyond it (refusals)")
     parser.add_argument("--overload-seconds", type=float, default=60.0)
     parser.add_argument("--json", type=Path)
     return parser.parse_args(argv)
@@ -323,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for n in (1, 8):
                         rows.append(measure(server.url, (size, "upload", n, "on"), lists, args.seconds, bare))
             if args.overload:
-                report["overload"] = overload(server.url, lists, sizes[-1], rows, args.overload_seconds)
+                report["overload"] = [overload(server.url, lists, sizes[-1], rows, int(n), args.overload_seconds)
+                                      for n in args.overload_connections.split(",")]
         if args.batching_off:
             with BentoServer(args.service, env={**env, "RC_MAX_BATCH_SIZE": "1"}) as server:
                 for size in sizes:
@@ -339,8 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for size, (images_per_s, ms) in bare.items():
         print(f"bare limit {size}: {images_per_s:.1f} images/s ({cores} processes), {ms:.2f} ms/image (1 process)")
     print(f"cold start (bentoml serve to /readyz 200): {report['cold_start_s']} s")
-    if "overload" in report:
-        print("overload:", json.dumps(report["overload"]))
+    for summary in report.get("overload", []):
+        print("overload:", json.dumps(summary))
     report["load_after"] = os.getloadavg()[0]
     print(f"load average (1 min): {report['load_before']:.2f} before, {report['load_after']:.2f} after")
     if args.json:
@@ -350,13 +354,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if all(row.result.server_errors == 0 and row.result.socket_errors == 0 for row in rows) else 1
 
 
-def overload(url: str, lists: dict[tuple[str, str], Path], size: str, rows: Sequence[Row],
+def overload(url: str, lists: dict[tuple[str, str], Path], size: str, rows: Sequence[Row], connections: int,
              seconds: float) -> dict:
-    """64 connections that never back off: goodput against the 32-in-flight upload throughput."""
+    """`connections` clients that never back off: goodput against the 32-in-flight upload throughput."""
     reference = next((r.result.requests_per_s for r in rows
                       if r.size == size and r.mode == "upload" and r.in_flight == 32), math.nan)
-    result = run_wrk(url, "upload.lua", lists[size, "upload"], 64, seconds)
-    summary = {"size": size, "connections": 64, "seconds": seconds, "goodput_per_s": round(result.requests_per_s, 1),
+    result = run_wrk(url, "upload.lua", lists[size, "upload"], connections, seconds)
+    summary = {"size": size, "connections": connections, "seconds": seconds, "goodput_per_s": round(result.requests_per_s, 1),
                "of_32_in_flight": round(result.requests_per_s / reference, 3), "ok": result.ok,
                "shed_429_503": result.shed, "server_errors": result.server_errors,
                "socket_errors": result.socket_errors, "p99_ms": result.p99_ms}

@@ -48,12 +48,15 @@ STATUS_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allow
                 503: "model_unavailable", 504: "timeout"}
 
 
-async def send_error(send: Send, status: int, code: str, message: str, retry_after_s: int | None = None) -> None:
-    """Answer with our JSON error body."""
+async def send_error(send: Send, status: int, code: str, message: str, retry_after_s: int | None = None,
+                     close: bool = False) -> None:
+    """Answer with our JSON error body; `close` ends the connection after it (the body stays unread)."""
     body = json.dumps(error_body(code, message)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if retry_after_s is not None:
         headers.append((b"retry-after", str(retry_after_s).encode()))
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -183,7 +186,8 @@ class LoadSheddingMiddleware:
         if not await self.take_slot():
             return await send_error(send, 429, "overloaded",
                                     f"the server is at its limit of {self.max_concurrency} requests in flight; "
-                                    f"retry after {self.retry_after_s} s", retry_after_s=self.retry_after_s)
+                                    f"retry after {self.retry_after_s} s", retry_after_s=self.retry_after_s,
+                                    close=True)
         try:
             await self.app(scope, receive, send)
         finally:
