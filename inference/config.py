@@ -11,10 +11,10 @@ A bad value stops the service at start-up with a message naming the variable.
 | RC_WORKERS | 1 | worker processes, each with its own model session and batcher |
 | RC_ORT_THREADS | half the cores | ONNX Runtime intra-op threads per worker (1 on a 2-core machine) |
 | RC_DECODE_THREADS | the cores | images decoded + preprocessed at the same time per worker |
-| RC_MAX_BATCH_SIZE | 16 | adaptive batching: largest batch sent to ONNX Runtime; 1 turns batching off |
-| RC_MAX_LATENCY_MS | 1000 | adaptive batching: longest time a queued image may wait before 503 |
-| RC_MAX_CONCURRENCY | 32 | classify requests in flight per API worker; more wait in line (below) |
-| RC_MAX_QUEUED | 64 | classify requests that may wait for a slot per API worker; more get 429 + Retry-After at once |
+| RC_MAX_BATCH_SIZE | 16 | adaptive batching: most images per ONNX Runtime call; 1 turns batching off |
+| RC_MAX_LATENCY_MS | 1000 | adaptive batching: longest an image may wait for the model before 503 `model_overloaded` |
+| RC_MAX_CONCURRENCY | 32 | classify requests in flight per worker; more wait in line (below) |
+| RC_MAX_QUEUED | 64 | classify requests that may wait for a slot per worker; more get 429 + Retry-After at once |
 | RC_QUEUE_TIMEOUT_S | 5 | longest wait in that line; then 429 + Retry-After |
 | RC_REQUEST_TIMEOUT_S | 30 | longest request; after it 504 `timeout` (BentoML's own timeout is 5 s later, a backstop) |
 | RC_RETRY_AFTER_S | 1 | Retry-After header value on 429/503 |
@@ -36,8 +36,8 @@ A bad value stops the service at start-up with a message naming the variable.
 
 from __future__ import annotations
 
-import os
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
