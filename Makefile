@@ -8,7 +8,7 @@ DATA ?= ../shared/data
 WEIGHTS ?= ../shared/weights
 OUT ?= artifacts
 PROFILE ?= default
-ARCH ?= mobilenet_v2
+ARCH ?=  # empty: the profile's backbone (default: mobilenet_v2, quick: mobilenet_v3_small)
 RUN_DIR ?= runs/$(PROFILE)
 PORT ?= 3000
 export TORCH_HOME ?= $(CURDIR)/.torch
@@ -31,7 +31,7 @@ dataset: setup
 	$(PY) -m data_prep --sunrgbd $(DATA)/SUNRGBD --extra $(DATA)/extra/places365 --extra $(DATA)/extra/house_rooms --out $(OUT)/dataset
 
 train: setup
-	$(PY) -m training run --data $(OUT)/dataset --run-dir $(RUN_DIR) --profile $(PROFILE) --arch $(ARCH) --weights-dir $(WEIGHTS) --int8
+	$(PY) -m training run --data $(OUT)/dataset --run-dir $(RUN_DIR) --profile $(PROFILE) $(if $(strip $(ARCH)),--arch $(ARCH)) --weights-dir $(WEIGHTS) --int8
 
 compare: setup
 	$(PY) -m training compare --data $(OUT)/dataset --run-dir runs/compare --weights-dir $(WEIGHTS)
