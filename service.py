@@ -33,7 +33,7 @@ from inference import stages
 from inference.batching import GreedyBatcher, QueueTimeout
 from inference.config import ServiceConfig
 from inference.decode import ImageLimits
-from inference.errors import InputError, ServiceError, error_body
+from inference.errors import ErrorCode, InputError, ServiceError, service_error_response
 from inference.fetch import UrlPolicy, fetch_url
 from inference.http_guards import (ErrorEnvelopeMiddleware, LoadSheddingMiddleware, RequestGuardMiddleware,
                                    RequestTimeoutMiddleware)
@@ -256,7 +256,7 @@ class RoomClassifier:
         """URL or upload -> uint8 pixels [S, S, 3]; raises InputError for anything wrong with it."""
         if item.url is not None:
             if not CONFIG.url_fetch:
-                raise InputError("url_fetch_disabled", "this server accepts uploads only (RC_URL_FETCH=false)")
+                raise InputError(ErrorCode.URL_FETCH_DISABLED, "this server accepts uploads only (RC_URL_FETCH=false)")
             # abandon_on_cancel: a request timeout answers at once; the thread ends by the fetch deadline
             with stages.timed("fetch"):
                 data: bytes | Path = await anyio.to_thread.run_sync(
@@ -287,10 +287,10 @@ class RoomClassifier:
         try:
             return await self.batcher(pixels)
         except QueueTimeout as exc:
-            raise ServiceError("model_overloaded", f"the model is busy, retry shortly ({exc})") from None
+            raise ServiceError(ErrorCode.MODEL_OVERLOADED, f"the model is busy, retry shortly ({exc})") from None
         except Exception:  # noqa: BLE001 - whatever ONNX Runtime raised: a 503 with a log line, never a 500
             logger.exception("the model failed on a batch of %s", list(pixels.shape))
-            raise ServiceError("model_unavailable", "the model failed; see the server log") from None
+            raise ServiceError(ErrorCode.MODEL_UNAVAILABLE, "the model failed; see the server log") from None
 
     def run_batch(self, pixels: np.ndarray) -> np.ndarray:
         """One ONNX Runtime call on a batch (in the batcher's thread)."""
@@ -299,7 +299,7 @@ class RoomClassifier:
 
     async def require_model(self) -> ModelInfo:
         if self.classifier is None:
-            raise ServiceError("model_unavailable", f"the model is not available: {self.load_error}")
+            raise ServiceError(ErrorCode.MODEL_UNAVAILABLE, f"the model is not available: {self.load_error}")
         return self.classifier.info
 
     async def health_payload(self) -> dict[str, Any]:
@@ -318,8 +318,7 @@ class RoomClassifier:
                            "uncertain_threshold": CONFIG.uncertain_threshold}}
 
     def error_response(self, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": str(CONFIG.retry_after_s)} if exc.status in (429, 503) else None
-        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=headers)
+        return service_error_response(exc, CONFIG.retry_after_s)
 
     @property
     def decode_limiter(self) -> anyio.CapacityLimiter:
@@ -350,21 +349,21 @@ RoomClassifier.add_asgi_middleware(RequestGuardMiddleware, max_body_bytes=CONFIG
 
 def single_input(image_url: Optional[str], image: Optional[Path]) -> ImageInput:
     if image_url is not None and image is not None:
-        raise InputError("conflicting_inputs", "send either image_url or image, not both (use /classify_batch)")
+        raise InputError(ErrorCode.CONFLICTING_INPUTS, "send either image_url or image, not both (use /classify_batch)")
     if image_url is not None:
         return ImageInput(name="image_url", url=image_url)
     if image is not None:
         return ImageInput(name="image", path=image)
-    raise InputError("missing_image", "send image_url (JSON or form field) or image (multipart file upload)")
+    raise InputError(ErrorCode.MISSING_IMAGE, "send image_url (JSON or form field) or image (multipart file upload)")
 
 
 def batch_inputs(image_urls: list[str], images: list[Path]) -> list[ImageInput]:
     items = [ImageInput(name=f"image_urls[{i}]", url=url) for i, url in enumerate(image_urls)]
     items += [ImageInput(name=f"images[{i}]", path=path) for i, path in enumerate(images)]
     if not items:
-        raise InputError("missing_image", "send image_urls and/or images (multipart files)")
+        raise InputError(ErrorCode.MISSING_IMAGE, "send image_urls and/or images (multipart files)")
     if len(items) > CONFIG.max_images_per_request:
-        raise InputError("too_many_images",
+        raise InputError(ErrorCode.TOO_MANY_IMAGES,
                          f"{len(items)} images; at most {CONFIG.max_images_per_request} per request")
     return items
 
@@ -372,7 +371,7 @@ def batch_inputs(image_urls: list[str], images: list[Path]) -> list[ImageInput]:
 def read_upload(path: Path, max_bytes: int) -> bytes:
     size = path.stat().st_size
     if size > max_bytes:
-        raise InputError("image_too_large", f"the image is {size} bytes; the limit is {max_bytes} bytes")
+        raise InputError(ErrorCode.IMAGE_TOO_LARGE, f"the image is {size} bytes; the limit is {max_bytes} bytes")
     return path.read_bytes()
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from inference.errors import InputError
+from inference.errors import ErrorCode, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_size: in
 
 def check_byte_size(data: bytes, limits: ImageLimits) -> None:
     if not data:
-        raise InputError("empty_image", "the image is empty (0 bytes)")
+        raise InputError(ErrorCode.EMPTY_IMAGE, "the image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
-        raise InputError("image_too_large",
+        raise InputError(ErrorCode.IMAGE_TOO_LARGE,
                          f"the image is {len(data)} bytes; the limit is {limits.max_bytes} bytes")
 
 
@@ -102,12 +102,12 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError:  # Pillow's own, higher, limit tripped while parsing the header
-        raise InputError("image_too_many_pixels",
+        raise InputError(ErrorCode.IMAGE_TOO_MANY_PIXELS,
                          f"the image header declares more than the limit of {limits.max_pixels} pixels") from None
     except UnidentifiedImageError:
         raise unrecognised_image(data, formats) from None
     except Exception as exc:  # noqa: BLE001 - any parser failure on hostile bytes is the input's fault
-        raise InputError("corrupt_image", f"the image header cannot be read ({type(exc).__name__}: {exc})") from None
+        raise InputError(ErrorCode.CORRUPT_IMAGE, f"the image header cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def unrecognised_image(data: bytes, formats: tuple[str, ...]) -> InputError:
@@ -117,18 +117,18 @@ def unrecognised_image(data: bytes, formats: tuple[str, ...]) -> InputError:
     if known is None and data[8:12] == b"WEBP" and data.startswith(b"RIFF"):
         known = "WEBP"
     if known is None:
-        return InputError("not_an_image", f"the content is not an image in an accepted format ({allowed})")
+        return InputError(ErrorCode.NOT_AN_IMAGE, f"the content is not an image in an accepted format ({allowed})")
     if known in formats:
-        return InputError("corrupt_image", f"the {known} header is corrupt")
-    return InputError("unsupported_image_format", f"{known} images are not accepted; send one of: {allowed}")
+        return InputError(ErrorCode.CORRUPT_IMAGE, f"the {known} header is corrupt")
+    return InputError(ErrorCode.UNSUPPORTED_IMAGE_FORMAT, f"{known} images are not accepted; send one of: {allowed}")
 
 
 def check_pixel_count(image: Image.Image, limits: ImageLimits) -> None:
     width, height = image.size
     if width < 1 or height < 1:
-        raise InputError("corrupt_image", f"the image has no pixels ({width}x{height})")
+        raise InputError(ErrorCode.CORRUPT_IMAGE, f"the image has no pixels ({width}x{height})")
     if width * height > limits.max_pixels:
-        raise InputError("image_too_many_pixels",
+        raise InputError(ErrorCode.IMAGE_TOO_MANY_PIXELS,
                          f"the image is {width}x{height} = {width * height} pixels; "
                          f"the limit is {limits.max_pixels} pixels")
 
@@ -138,7 +138,7 @@ def load_first_frame(image: Image.Image) -> None:
     try:
         image.load()  # an animated image is positioned on its first frame after open()
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ... on bad data
-        raise InputError("corrupt_image", f"the image data is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+        raise InputError(ErrorCode.CORRUPT_IMAGE, f"the image data is truncated or corrupt ({type(exc).__name__}: {exc})") from None
 
 
 def apply_exif_orientation(image: Image.Image) -> Image.Image:
@@ -163,7 +163,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
             return composite_on_white(image)
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - exotic modes Pillow cannot convert
-        raise InputError("corrupt_image", f"the image's colour mode {image.mode} cannot be converted to RGB ({exc})") from None
+        raise InputError(ErrorCode.CORRUPT_IMAGE, f"the image's colour mode {image.mode} cannot be converted to RGB ({exc})") from None
 
 
 def high_bit_depth_to_l(image: Image.Image) -> Image.Image:

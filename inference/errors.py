@@ -3,67 +3,90 @@
 Decoding and URL fetching raise `InputError(code, message)` (a `ServiceError`; the service raises other
 `ServiceError`s for overload and an unavailable model). `code` is stable and machine-readable
 (clients branch on it), `message` is for humans. The service turns it into a 4xx answer with the body
-`{"error": {"code": ..., "message": ...}}`; `http_status(code)` says which 4xx.
+`{"error": {"code": ..., "message": ...}}` (`error_response`, the one place answers are made); each
+`ErrorCode` carries its HTTP status.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
-# code -> HTTP status. Every code the service can answer with is listed here, so the table doubles as
-# the reference for clients. Codes are never renamed; new ones may be added.
-ERROR_STATUS: dict[str, int] = {
+from starlette.responses import JSONResponse
+
+class ErrorCode(StrEnum):
+    """Every code an answer can carry, with its HTTP status: the reference for clients. Codes are never
+    renamed; new ones may be added. Members are strings, so they compare with and serialise as their code."""
+
+    status: int
+
+    def __new__(cls, code: str, status: int) -> "ErrorCode":
+        member = str.__new__(cls, code)
+        member._value_ = code
+        member.status = status
+        return member
+
     # request shape
-    "invalid_request": 400,  # body does not match the API schema (missing field, wrong type, ...)
-    "invalid_upload": 400,  # malformed multipart body, or a file field that is not a file
-    "missing_image": 400,  # no image in the request
-    "conflicting_inputs": 400,  # image_url and an upload in the same single-image request
-    "too_many_images": 400,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "request_too_large": 413,  # whole request body over RC_MAX_REQUEST_BYTES
-    "unsupported_media_type": 415,
+    INVALID_REQUEST = "invalid_request", 400  # body does not match the API schema (missing field, wrong type, ...)
+    INVALID_UPLOAD = "invalid_upload", 400  # malformed multipart body, or a file field that is not a file
+    MISSING_IMAGE = "missing_image", 400  # no image in the request
+    CONFLICTING_INPUTS = "conflicting_inputs", 400  # image_url and an upload in the same single-image request
+    TOO_MANY_IMAGES = "too_many_images", 400
+    NOT_FOUND = "not_found", 404
+    METHOD_NOT_ALLOWED = "method_not_allowed", 405
+    REQUEST_TOO_LARGE = "request_too_large", 413  # whole request body over RC_MAX_REQUEST_BYTES
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415
     # URLs
-    "invalid_url": 400,
-    "url_scheme_not_allowed": 400,
-    "url_host_not_allowed": 403,  # private, loopback, link-local, ... address (SSRF guard)
-    "url_fetch_disabled": 403,
-    "url_unresolvable": 422,
-    "too_many_redirects": 422,
-    "fetch_failed": 422,  # connection refused, TLS error, HTTP error status from the image host
-    "fetch_timeout": 422,
+    INVALID_URL = "invalid_url", 400
+    URL_SCHEME_NOT_ALLOWED = "url_scheme_not_allowed", 400
+    URL_HOST_NOT_ALLOWED = "url_host_not_allowed", 403  # private, loopback, link-local, ... address (SSRF guard)
+    URL_FETCH_DISABLED = "url_fetch_disabled", 403
+    URL_UNRESOLVABLE = "url_unresolvable", 422
+    TOO_MANY_REDIRECTS = "too_many_redirects", 422
+    FETCH_FAILED = "fetch_failed", 422  # connection refused, TLS error, HTTP error status from the image host
+    FETCH_TIMEOUT = "fetch_timeout", 422
     # images
-    "empty_image": 400,
-    "image_too_large": 413,  # bytes
-    "image_too_many_pixels": 413,  # width x height, read from the header before decoding
-    "unsupported_image_format": 415,  # a known image format that is not on the allow-list
-    "not_an_image": 415,
-    "corrupt_image": 422,  # truncated or broken image data
+    EMPTY_IMAGE = "empty_image", 400
+    IMAGE_TOO_LARGE = "image_too_large", 413  # bytes
+    IMAGE_TOO_MANY_PIXELS = "image_too_many_pixels", 413  # width x height, read from the header before decoding
+    UNSUPPORTED_IMAGE_FORMAT = "unsupported_image_format", 415  # a known image format that is not on the allow-list
+    NOT_AN_IMAGE = "not_an_image", 415
+    CORRUPT_IMAGE = "corrupt_image", 422  # truncated or broken image data
     # server side
-    "overloaded": 429,
-    "model_overloaded": 503,
-    "model_unavailable": 503,
-    "timeout": 504,
-    "internal_error": 500,
-}
+    OVERLOADED = "overloaded", 429
+    MODEL_OVERLOADED = "model_overloaded", 503
+    MODEL_UNAVAILABLE = "model_unavailable", 503
+    TIMEOUT = "timeout", 504
+    INTERNAL_ERROR = "internal_error", 500
+
+
+# code -> HTTP status, for clients and tests that read the table as data
+ERROR_STATUS: dict[str, int] = {code.value: code.status for code in ErrorCode}
+# The code an answer gets when something other than this project refused it (BentoML's validation, Starlette's
+# routing), by status; other 4xx are invalid_request, other 5xx internal_error.
+CODE_FOR_STATUS: dict[int, ErrorCode] = {
+    400: ErrorCode.INVALID_REQUEST, 404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.REQUEST_TOO_LARGE, 415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 422: ErrorCode.INVALID_REQUEST,
+    429: ErrorCode.OVERLOADED, 503: ErrorCode.MODEL_UNAVAILABLE, 504: ErrorCode.TIMEOUT}
+RETRY_LATER = frozenset({429, 503})  # the statuses that tell the client to come back: they carry Retry-After
 
 
 class ServiceError(Exception):
     """An answer other than a result: a stable `code` (see ERROR_STATUS) and a human `message`."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
         if code not in ERROR_STATUS:
-            raise ValueError(f"unknown error code {code!r}: add it to ERROR_STATUS")
+            raise ValueError(f"unknown error code {code!r}: add it to ErrorCode")
         super().__init__(message)
-        self.code = code
+        self.code = ErrorCode(code)
         self.message = message
 
     @property
     def status(self) -> int:
-        return http_status(self.code)
+        return self.code.status
 
     def to_dict(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
+        return {"code": self.code.value, "message": self.message}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
@@ -84,4 +107,19 @@ def http_status(code: str) -> int:
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     """The JSON body of every error answer: `{"error": {"code", "message", ...}}`."""
-    return {"error": {"code": code, "message": message, **extra}}
+    return {"error": {"code": str(code), "message": message, **extra}}
+
+
+def error_response(status: int, body: dict[str, Any], retry_after_s: int | None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one way an error answer is made: JSON, and Retry-After on the statuses that ask for a retry."""
+    headers = dict(headers or {})
+    if status in RETRY_LATER and retry_after_s is not None and "retry-after" not in map(str.lower, headers):
+        headers["Retry-After"] = str(retry_after_s)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def service_error_response(error: ServiceError, retry_after_s: int | None, close: bool = False) -> JSONResponse:
+    """A ServiceError as an HTTP answer; `close` ends the connection after it (a refused body stays unread)."""
+    return error_response(error.status, error_body(error.code, error.message), retry_after_s,
+                          {"Connection": "close"} if close else None)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 from urllib.parse import urljoin, urlsplit
 
-from inference.errors import InputError
+from inference.errors import ErrorCode, InputError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -123,13 +123,13 @@ def fetch_url(url: str, policy: UrlPolicy, resolver: Resolver = system_resolver)
             return body
         url = urljoin(target.url, location)
         refuse_downgrade(target, url)
-    raise InputError("too_many_redirects", f"more than {policy.max_redirects} redirects")
+    raise InputError(ErrorCode.TOO_MANY_REDIRECTS, f"more than {policy.max_redirects} redirects")
 
 
 def refuse_downgrade(target: Target, next_url: str) -> None:
     """An https page must not send us to plain http: the image would travel unprotected."""
     if target.scheme == "https" and urlsplit(next_url).scheme.lower() == "http":
-        raise InputError("url_scheme_not_allowed",
+        raise InputError(ErrorCode.URL_SCHEME_NOT_ALLOWED,
                          f"{target.host} redirected from https to http; a downgrade to plain http is refused")
 
 
@@ -141,7 +141,7 @@ def resolver_with_deadline(resolver: Resolver, deadline: float) -> Resolver:
             return future.result(timeout=remaining(deadline))
         except FutureTimeout:
             future.cancel()
-            raise InputError("fetch_timeout", f"resolving {host} took longer than the total time limit") from None
+            raise InputError(ErrorCode.FETCH_TIMEOUT, f"resolving {host} took longer than the total time limit") from None
     return resolve_in_time
 
 
@@ -155,7 +155,7 @@ def vet_url(url: str, policy: UrlPolicy, resolver: Resolver = system_resolver) -
         reason = blocked_reason(address)
         if reason is not None and not policy.trusts(host, address):
             shown = host if host == str(address) else f"{host} ({address})"
-            raise InputError("url_host_not_allowed", f"{shown} is a {reason} address; only public hosts are fetched")
+            raise InputError(ErrorCode.URL_HOST_NOT_ALLOWED, f"{shown} is a {reason} address; only public hosts are fetched")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
@@ -165,24 +165,24 @@ def vet_url(url: str, policy: UrlPolicy, resolver: Resolver = system_resolver) -
 
 def split_url(url: str, policy: UrlPolicy):  # -> urllib.parse.SplitResult
     if not isinstance(url, str) or not url:
-        raise InputError("invalid_url", "the URL is empty")
+        raise InputError(ErrorCode.INVALID_URL, "the URL is empty")
     if len(url) > MAX_URL_LENGTH:
-        raise InputError("invalid_url", f"the URL is longer than {MAX_URL_LENGTH} characters")
+        raise InputError(ErrorCode.INVALID_URL, f"the URL is longer than {MAX_URL_LENGTH} characters")
     if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 or ch == "\\" for ch in url):
-        raise InputError("invalid_url", "the URL contains whitespace, control characters or backslashes")
+        raise InputError(ErrorCode.INVALID_URL, "the URL contains whitespace, control characters or backslashes")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
-        raise InputError("invalid_url", f"the URL cannot be parsed: {exc}") from None
+        raise InputError(ErrorCode.INVALID_URL, f"the URL cannot be parsed: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in policy.schemes:
         shown = f"'{scheme}'" if scheme else "no scheme"
-        raise InputError("url_scheme_not_allowed", f"{shown}: only {' and '.join(policy.schemes)} URLs are fetched")
+        raise InputError(ErrorCode.URL_SCHEME_NOT_ALLOWED, f"{shown}: only {' and '.join(policy.schemes)} URLs are fetched")
     if parts.username is not None or parts.password is not None:
-        raise InputError("invalid_url", "URLs with credentials (user@host) are not accepted")
+        raise InputError(ErrorCode.INVALID_URL, "URLs with credentials (user@host) are not accepted")
     if not parts.hostname:
-        raise InputError("invalid_url", "the URL has no host")
+        raise InputError(ErrorCode.INVALID_URL, "the URL has no host")
     return parts._replace(scheme=scheme)
 
 
@@ -190,13 +190,13 @@ def normalise_host(host: str) -> str:
     """Lower-case, IDNA-encoded host name without a trailing dot (IPv6 literals without brackets)."""
     host = host.strip().strip("[]").lower().rstrip(".")
     if not host:
-        raise InputError("invalid_url", "the URL has no host")
+        raise InputError(ErrorCode.INVALID_URL, "the URL has no host")
     if ":" in host:  # IPv6 literal: no IDNA
         return host
     try:
         return host.encode("idna").decode("ascii")
     except UnicodeError:
-        raise InputError("invalid_url", f"the host name {host!r} is not valid") from None
+        raise InputError(ErrorCode.INVALID_URL, f"the host name {host!r} is not valid") from None
 
 
 def resolve(host: str, port: int, resolver: Resolver) -> list[IPAddress]:
@@ -207,15 +207,15 @@ def resolve(host: str, port: int, resolver: Resolver) -> list[IPAddress]:
     try:
         found = resolver(host, port)
     except (OSError, UnicodeError) as exc:
-        raise InputError("url_unresolvable", f"the host {host} cannot be resolved ({exc})") from None
+        raise InputError(ErrorCode.URL_UNRESOLVABLE, f"the host {host} cannot be resolved ({exc})") from None
     addresses = []
     for item in found:
         try:
             addresses.append(ipaddress.ip_address(item.split("%")[0]))
         except ValueError:
-            raise InputError("url_unresolvable", f"the host {host} resolved to an invalid address {item!r}") from None
+            raise InputError(ErrorCode.URL_UNRESOLVABLE, f"the host {host} resolved to an invalid address {item!r}") from None
     if not addresses:
-        raise InputError("url_unresolvable", f"the host {host} has no address")
+        raise InputError(ErrorCode.URL_UNRESOLVABLE, f"the host {host} has no address")
     return addresses
 
 
@@ -292,7 +292,7 @@ class Watchdog:
     def check(self) -> None:
         """Raise fetch_timeout if the deadline cut the connection (what was read may look complete)."""
         if self.fired:
-            raise InputError("fetch_timeout", "the download took longer than the total time limit")
+            raise InputError(ErrorCode.FETCH_TIMEOUT, "the download took longer than the total time limit")
 
     def stop(self) -> None:
         """Before the socket is closed: its file descriptor may be reused by another socket afterwards."""
@@ -386,10 +386,10 @@ def request_once(target: Target, policy: UrlPolicy, deadline: float) -> tuple[st
         if response.status in REDIRECT_STATUSES:
             location = response.getheader("Location")
             if not location:
-                raise InputError("fetch_failed", f"{target.host} answered {response.status} without a Location")
+                raise InputError(ErrorCode.FETCH_FAILED, f"{target.host} answered {response.status} without a Location")
             return location, b""
         if response.status != 200:
-            raise InputError("fetch_failed", f"{target.host} answered HTTP {response.status} {response.reason}")
+            raise InputError(ErrorCode.FETCH_FAILED, f"{target.host} answered HTTP {response.status} {response.reason}")
         body = read_limited(response, sock, policy, deadline)
         watchdog.check()
         return None, body
@@ -404,10 +404,10 @@ def request_once(target: Target, policy: UrlPolicy, deadline: float) -> tuple[st
 def fetch_error(exc: Exception, target: Target) -> InputError:
     """The stable code for a failed connection, TLS handshake or HTTP exchange."""
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        return InputError("fetch_timeout", f"{target.host} did not answer in time")
+        return InputError(ErrorCode.FETCH_TIMEOUT, f"{target.host} did not answer in time")
     if isinstance(exc, ssl.SSLError):
-        return InputError("fetch_failed", f"TLS with {target.host} failed ({exc.reason or exc})")
-    return InputError("fetch_failed", f"cannot download from {target.host} ({type(exc).__name__}: {exc})")
+        return InputError(ErrorCode.FETCH_FAILED, f"TLS with {target.host} failed ({exc.reason or exc})")
+    return InputError(ErrorCode.FETCH_FAILED, f"cannot download from {target.host} ({type(exc).__name__}: {exc})")
 
 
 def read_limited(response: http.client.HTTPResponse, sock: socket.socket, policy: UrlPolicy,
@@ -415,7 +415,7 @@ def read_limited(response: http.client.HTTPResponse, sock: socket.socket, policy
     """Read the body in chunks; stop at `max_bytes` or at the deadline, whichever comes first."""
     declared = response.getheader("Content-Length")
     if declared and declared.isdigit() and int(declared) > policy.max_bytes:
-        raise InputError("image_too_large", f"the image is {declared} bytes; the limit is {policy.max_bytes} bytes")
+        raise InputError(ErrorCode.IMAGE_TOO_LARGE, f"the image is {declared} bytes; the limit is {policy.max_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -425,14 +425,14 @@ def read_limited(response: http.client.HTTPResponse, sock: socket.socket, policy
             return b"".join(chunks)
         size += len(chunk)
         if size > policy.max_bytes:
-            raise InputError("image_too_large", f"the download passed the limit of {policy.max_bytes} bytes; stopped")
+            raise InputError(ErrorCode.IMAGE_TOO_LARGE, f"the download passed the limit of {policy.max_bytes} bytes; stopped")
         chunks.append(chunk)
 
 
 def remaining(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
-        raise InputError("fetch_timeout", "the download took longer than the total time limit")
+        raise InputError(ErrorCode.FETCH_TIMEOUT, "the download took longer than the total time limit")
     return left
 
 

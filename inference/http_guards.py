@@ -30,8 +30,10 @@ from typing import Any, Awaitable, Callable, Iterable, MutableMapping
 import anyio
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+from starlette.responses import JSONResponse
 
-from inference.errors import error_body
+from inference.errors import (CODE_FOR_STATUS, ErrorCode, InputError, ServiceError, error_body, error_response,
+                              service_error_response)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -43,22 +45,12 @@ logger = logging.getLogger(__name__)
 
 SYSTEM_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
 MAX_FILENAME_BYTES = 200  # BentoML keeps the upload's name as a temp-file suffix; NAME_MAX is 255
-STATUS_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
-                415: "unsupported_media_type", 422: "invalid_request", 429: "overloaded",
-                503: "model_unavailable", 504: "timeout"}
 
 
-async def send_error(send: Send, status: int, code: str, message: str, retry_after_s: int | None = None,
+async def send_error(scope: Scope, receive: Receive, send: Send, error: ServiceError, retry_after_s: int | None = None,
                      close: bool = False) -> None:
-    """Answer with our JSON error body; `close` ends the connection after it (the body stays unread)."""
-    body = json.dumps(error_body(code, message)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if retry_after_s is not None:
-        headers.append((b"retry-after", str(retry_after_s).encode()))
-    if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    """Answer with our JSON error body (`inference.errors.service_error_response` makes it)."""
+    await service_error_response(error, retry_after_s, close=close)(scope, receive, send)
 
 
 class ErrorEnvelopeMiddleware:
@@ -84,23 +76,19 @@ class ErrorEnvelopeMiddleware:
                 return await send(message)
             held_body.append(message.get("body", b""))
             if not message.get("more_body", False):
-                await self.send_enveloped(send, held_start, b"".join(held_body))
+                await self.enveloped_response(held_start, b"".join(held_body))(scope, receive, send)
 
         await self.app(scope, receive, envelope_send)
 
-    async def send_enveloped(self, send: Send, start: Message, body: bytes) -> None:
+    def enveloped_response(self, start: Message, body: bytes) -> JSONResponse:
+        """The held answer again, with our body; its other headers (Retry-After, Allow, ...) are kept."""
         status = start["status"]
         payload = enveloped(status, body)
-        if status >= 500 and payload["error"]["code"] == "internal_error":
+        if status >= 500 and payload["error"]["code"] == ErrorCode.INTERNAL_ERROR:
             logger.error("answering %s: %s", status, body[:500])
-        new_body = json.dumps(payload).encode()
-        headers = [(name, value) for name, value in start.get("headers", [])
-                   if name.lower() not in (b"content-length", b"content-type")]
-        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(new_body)).encode())]
-        if status in (429, 503) and not any(name.lower() == b"retry-after" for name, _ in headers):
-            headers.append((b"retry-after", str(self.retry_after_s).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": new_body})
+        kept = {name.decode("latin-1"): value.decode("latin-1") for name, value in start.get("headers", [])
+                if name.lower() not in (b"content-length", b"content-type")}
+        return error_response(status, payload, self.retry_after_s, kept)
 
 
 def enveloped(status: int, body: bytes) -> dict[str, Any]:
@@ -113,7 +101,7 @@ def enveloped(status: int, body: bytes) -> dict[str, Any]:
         return data
     if isinstance(data, list) and len(data) == 1:  # BentoML answers 4xx exceptions as [{"error": ...}]
         data = data[0]
-    code = STATUS_CODES.get(status, "internal_error" if status >= 500 else "invalid_request")
+    code = CODE_FOR_STATUS.get(status, ErrorCode.INTERNAL_ERROR if status >= 500 else ErrorCode.INVALID_REQUEST)
     detail = data.get("detail") if isinstance(data, dict) else None
     if isinstance(detail, list) and detail:
         message = "invalid request: " + "; ".join(describe_validation_error(item) for item in detail)
@@ -157,7 +145,8 @@ class RequestTimeoutMiddleware:
 
             await self.app(scope, receive, send_untimed)
         if deadline.cancelled_caught and not started:
-            await send_error(send, 504, "timeout", f"the request took longer than {self.timeout_s:g} s")
+            await send_error(scope, receive, send,
+                             ServiceError(ErrorCode.TIMEOUT, f"the request took longer than {self.timeout_s:g} s"))
 
 
 class LoadSheddingMiddleware:
@@ -184,10 +173,10 @@ class LoadSheddingMiddleware:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
         if not await self.take_slot():
-            return await send_error(send, 429, "overloaded",
-                                    f"the server is at its limit of {self.max_concurrency} requests in flight; "
-                                    f"retry after {self.retry_after_s} s", retry_after_s=self.retry_after_s,
-                                    close=True)
+            overloaded = ServiceError(ErrorCode.OVERLOADED,
+                                      f"the server is at its limit of {self.max_concurrency} requests in flight; "
+                                      f"retry after {self.retry_after_s} s")
+            return await send_error(scope, receive, send, overloaded, self.retry_after_s, close=True)
         try:
             await self.app(scope, receive, send)
         finally:
@@ -245,18 +234,18 @@ class RequestGuardMiddleware:
         headers = Headers(scope=scope)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await self.too_large(send)
+            return await self.too_large(scope, receive, send)
         body = await read_body(receive, self.max_body_bytes)
         if body is None:
-            return await self.too_large(send)
+            return await self.too_large(scope, receive, send)
         problem = await self.form_problem(headers, body)
         if problem is not None:
-            return await send_error(send, 400, "invalid_upload", problem)
+            return await send_error(scope, receive, send, InputError(ErrorCode.INVALID_UPLOAD, problem))
         await self.app(scope, replay(body, receive), send)
 
-    async def too_large(self, send: Send) -> None:
-        await send_error(send, 413, "request_too_large",
-                         f"the request body is larger than {self.max_body_bytes} bytes")
+    async def too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_error(scope, receive, send, InputError(
+            ErrorCode.REQUEST_TOO_LARGE, f"the request body is larger than {self.max_body_bytes} bytes"))
 
     async def form_problem(self, headers: Headers, body: bytes) -> str | None:
         """Parse a form body with Starlette's parser (the one BentoML uses) and check its file fields."""
