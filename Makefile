@@ -17,7 +17,7 @@ export BENTOML_DO_NOT_TRACK ?= true
 LOCAL_BASE ?= localhost/bento-base:bookworm
 EXTRA_CA ?= /usr/local/share/ca-certificates
 
-.PHONY: setup dataset train compare bento serve container-setup image run-image bench soak benchmark-data all test test-e2e test-web
+.PHONY: setup dataset train compare bento serve container-setup image run-image bench soak benchmark-data all test test-e2e test-web lint
 
 setup: $(VENV)/.installed
 
@@ -64,6 +64,9 @@ benchmark-data: setup
 
 test: setup
 	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test-e2e: setup
 	$(PY) -m pytest -m e2e

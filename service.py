@@ -35,8 +35,12 @@ from inference.config import ServiceConfig
 from inference.decode import ImageLimits
 from inference.errors import ErrorCode, InputError, ServiceError, service_error_response
 from inference.fetch import UrlPolicy, fetch_url
-from inference.http_guards import (ErrorEnvelopeMiddleware, LoadSheddingMiddleware, RequestGuardMiddleware,
-                                   RequestTimeoutMiddleware)
+from inference.http_guards import (
+    ErrorEnvelopeMiddleware,
+    LoadSheddingMiddleware,
+    RequestGuardMiddleware,
+    RequestTimeoutMiddleware,
+)
 from inference.model import ModelInfo, OnnxClassifier
 from inference.postprocess import Prediction, postprocess
 from inference.preprocess import bytes_to_pixels

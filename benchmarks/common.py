@@ -78,9 +78,9 @@ class BentoServer:
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_until_ready(self.url, self.ready_timeout_s, is_alive=lambda: self.process.poll() is None)
-        except Exception:
+        except Exception as exc:
             self.stop()
-            raise RuntimeError(f"`{' '.join(command)}` did not become ready; log tail:\n{self.log_tail()}")
+            raise RuntimeError(f"`{' '.join(command)}` did not become ready; log tail:\n{self.log_tail()}") from exc
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -40,8 +40,16 @@ import requests
 from tqdm import tqdm
 
 from benchmarks.client_calls import classify_uploads, classify_url, error_code_from_body, error_code_of
-from benchmarks.common import (DEFAULT_DATA, DEFAULT_SERVICE, BentoServer, find_room_photos, percentiles_ms,
-                               process_tree_rss, require_loopback_url, write_jpegs)
+from benchmarks.common import (
+    DEFAULT_DATA,
+    DEFAULT_SERVICE,
+    BentoServer,
+    find_room_photos,
+    percentiles_ms,
+    process_tree_rss,
+    require_loopback_url,
+    write_jpegs,
+)
 from benchmarks.model_home import temporary_model_home
 
 SHED = {"429 overloaded", "503 model_overloaded", "429", "503"}

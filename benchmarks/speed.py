@@ -41,8 +41,15 @@ from typing import Iterator, Sequence
 
 import requests
 
-from benchmarks.common import (DEFAULT_DATA, DEFAULT_SERVICE, BentoServer, find_room_photos, free_port,
-                               parse_size, write_jpegs)
+from benchmarks.common import (
+    DEFAULT_DATA,
+    DEFAULT_SERVICE,
+    BentoServer,
+    find_room_photos,
+    free_port,
+    parse_size,
+    write_jpegs,
+)
 from benchmarks.model_home import temporary_model_home
 
 WRK_DIR = Path(__file__).resolve().parent / "wrk"
@@ -360,7 +367,8 @@ def overload(url: str, lists: dict[tuple[str, str], Path], size: str, rows: Sequ
     reference = next((r.result.requests_per_s for r in rows
                       if r.size == size and r.mode == "upload" and r.in_flight == 32), math.nan)
     result = run_wrk(url, "upload.lua", lists[size, "upload"], connections, seconds)
-    summary = {"size": size, "connections": connections, "seconds": seconds, "goodput_per_s": round(result.requests_per_s, 1),
+    summary = {"size": size, "connections": connections, "seconds": seconds,
+               "goodput_per_s": round(result.requests_per_s, 1),
                "of_32_in_flight": round(result.requests_per_s / reference, 3), "ok": result.ok,
                "shed_429_503": result.shed, "server_errors": result.server_errors,
                "socket_errors": result.socket_errors, "p99_ms": result.p99_ms}

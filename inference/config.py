@@ -18,7 +18,7 @@ A bad value stops the service at start-up with a message naming the variable.
 | RC_QUEUE_TIMEOUT_S | 5 | longest wait in that line; then 429 + Retry-After |
 | RC_REQUEST_TIMEOUT_S | 30 | longest request; after it 504 `timeout` (BentoML's own timeout is 5 s later, a backstop) |
 | RC_RETRY_AFTER_S | 1 | Retry-After header value on 429/503 |
-| RC_UNCERTAIN_THRESHOLD | 0.5 | `uncertain` is true when the top probability is below this (per-request `threshold` overrides) |
+| RC_UNCERTAIN_THRESHOLD | 0.5 | `uncertain` when the top probability is below this (a request's `threshold` wins) |
 | RC_DEFAULT_TOP_K | 3 | length of `top_k` when the request does not say |
 | RC_MAX_IMAGES_PER_REQUEST | 16 | images in one classify_batch request |
 | RC_MAX_REQUEST_BYTES | 33554432 | whole request body (32 MiB); larger bodies get 413 before they are read |
@@ -98,9 +98,9 @@ class ServiceConfig:
     def validate(self) -> None:
         """Refuse settings that cannot work (zero threads, negative limits, thresholds outside [0, 1])."""
         positive = ("workers", "ort_threads", "decode_threads", "max_batch_size", "max_latency_ms",
-                    "max_concurrency", "queue_timeout_s", "request_timeout_s", "default_top_k", "max_images_per_request",
-                    "max_request_bytes", "max_image_bytes", "max_pixels", "fetch_connect_timeout_s",
-                    "fetch_read_timeout_s", "fetch_total_timeout_s")
+                    "max_concurrency", "queue_timeout_s", "request_timeout_s", "default_top_k",
+                    "max_images_per_request", "max_request_bytes", "max_image_bytes", "max_pixels",
+                    "fetch_connect_timeout_s", "fetch_read_timeout_s", "fetch_total_timeout_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")

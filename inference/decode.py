@@ -107,7 +107,8 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     except UnidentifiedImageError:
         raise unrecognised_image(data, formats) from None
     except Exception as exc:  # noqa: BLE001 - any parser failure on hostile bytes is the input's fault
-        raise InputError(ErrorCode.CORRUPT_IMAGE, f"the image header cannot be read ({type(exc).__name__}: {exc})") from None
+        raise InputError(ErrorCode.CORRUPT_IMAGE,
+                         f"the image header cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def unrecognised_image(data: bytes, formats: tuple[str, ...]) -> InputError:
@@ -138,7 +139,8 @@ def load_first_frame(image: Image.Image) -> None:
     try:
         image.load()  # an animated image is positioned on its first frame after open()
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ... on bad data
-        raise InputError(ErrorCode.CORRUPT_IMAGE, f"the image data is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+        raise InputError(ErrorCode.CORRUPT_IMAGE,
+                         f"the image data is truncated or corrupt ({type(exc).__name__}: {exc})") from None
 
 
 def apply_exif_orientation(image: Image.Image) -> Image.Image:
@@ -163,7 +165,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
             return composite_on_white(image)
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - exotic modes Pillow cannot convert
-        raise InputError(ErrorCode.CORRUPT_IMAGE, f"the image's colour mode {image.mode} cannot be converted to RGB ({exc})") from None
+        raise InputError(ErrorCode.CORRUPT_IMAGE,
+                         f"the image's colour mode {image.mode} cannot be converted to RGB ({exc})") from None
 
 
 def high_bit_depth_to_l(image: Image.Image) -> Image.Image:

@@ -14,6 +14,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+
 class ErrorCode(StrEnum):
     """Every code an answer can carry, with its HTTP status: the reference for clients. Codes are never
     renamed; new ones may be added. Members are strings, so they compare with and serialise as their code."""

@@ -141,7 +141,8 @@ def resolver_with_deadline(resolver: Resolver, deadline: float) -> Resolver:
             return future.result(timeout=remaining(deadline))
         except FutureTimeout:
             future.cancel()
-            raise InputError(ErrorCode.FETCH_TIMEOUT, f"resolving {host} took longer than the total time limit") from None
+            raise InputError(ErrorCode.FETCH_TIMEOUT,
+                             f"resolving {host} took longer than the total time limit") from None
     return resolve_in_time
 
 
@@ -155,7 +156,8 @@ def vet_url(url: str, policy: UrlPolicy, resolver: Resolver = system_resolver) -
         reason = blocked_reason(address)
         if reason is not None and not policy.trusts(host, address):
             shown = host if host == str(address) else f"{host} ({address})"
-            raise InputError(ErrorCode.URL_HOST_NOT_ALLOWED, f"{shown} is a {reason} address; only public hosts are fetched")
+            raise InputError(ErrorCode.URL_HOST_NOT_ALLOWED,
+                             f"{shown} is a {reason} address; only public hosts are fetched")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
@@ -178,7 +180,8 @@ def split_url(url: str, policy: UrlPolicy):  # -> urllib.parse.SplitResult
     scheme = parts.scheme.lower()
     if scheme not in policy.schemes:
         shown = f"'{scheme}'" if scheme else "no scheme"
-        raise InputError(ErrorCode.URL_SCHEME_NOT_ALLOWED, f"{shown}: only {' and '.join(policy.schemes)} URLs are fetched")
+        raise InputError(ErrorCode.URL_SCHEME_NOT_ALLOWED,
+                         f"{shown}: only {' and '.join(policy.schemes)} URLs are fetched")
     if parts.username is not None or parts.password is not None:
         raise InputError(ErrorCode.INVALID_URL, "URLs with credentials (user@host) are not accepted")
     if not parts.hostname:
@@ -213,7 +216,8 @@ def resolve(host: str, port: int, resolver: Resolver) -> list[IPAddress]:
         try:
             addresses.append(ipaddress.ip_address(item.split("%")[0]))
         except ValueError:
-            raise InputError(ErrorCode.URL_UNRESOLVABLE, f"the host {host} resolved to an invalid address {item!r}") from None
+            raise InputError(ErrorCode.URL_UNRESOLVABLE,
+                             f"the host {host} resolved to an invalid address {item!r}") from None
     if not addresses:
         raise InputError(ErrorCode.URL_UNRESOLVABLE, f"the host {host} has no address")
     return addresses
@@ -415,7 +419,8 @@ def read_limited(response: http.client.HTTPResponse, sock: socket.socket, policy
     """Read the body in chunks; stop at `max_bytes` or at the deadline, whichever comes first."""
     declared = response.getheader("Content-Length")
     if declared and declared.isdigit() and int(declared) > policy.max_bytes:
-        raise InputError(ErrorCode.IMAGE_TOO_LARGE, f"the image is {declared} bytes; the limit is {policy.max_bytes} bytes")
+        raise InputError(ErrorCode.IMAGE_TOO_LARGE,
+                         f"the image is {declared} bytes; the limit is {policy.max_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -425,7 +430,8 @@ def read_limited(response: http.client.HTTPResponse, sock: socket.socket, policy
             return b"".join(chunks)
         size += len(chunk)
         if size > policy.max_bytes:
-            raise InputError(ErrorCode.IMAGE_TOO_LARGE, f"the download passed the limit of {policy.max_bytes} bytes; stopped")
+            raise InputError(ErrorCode.IMAGE_TOO_LARGE,
+                             f"the download passed the limit of {policy.max_bytes} bytes; stopped")
         chunks.append(chunk)
 
 

@@ -32,8 +32,15 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse
 
-from inference.errors import (CODE_FOR_STATUS, ErrorCode, InputError, ServiceError, error_body, error_response,
-                              service_error_response)
+from inference.errors import (
+    CODE_FOR_STATUS,
+    ErrorCode,
+    InputError,
+    ServiceError,
+    error_body,
+    error_response,
+    service_error_response,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

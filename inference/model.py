@@ -127,7 +127,8 @@ def create_session(path: Path, intra_op_threads: int | None, tag: str) -> ort.In
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types for unreadable/invalid graphs
-        raise ModelLoadError(f"model {tag}: ONNX Runtime cannot load {path.name} ({type(exc).__name__}: {exc})") from None
+        raise ModelLoadError(
+            f"model {tag}: ONNX Runtime cannot load {path.name} ({type(exc).__name__}: {exc})") from None
 
 
 def check_signature(session: ort.InferenceSession, info: ModelInfo) -> None:

@@ -10,8 +10,19 @@ from PIL import Image
 
 from inference.decode import ImageLimits, decode_image, high_bit_depth_to_l
 from inference.errors import InputError, http_status
-from tests.conftest import (animated_gif, encode, exif_rotated_jpeg, gif_with_huge_screen, jpeg_with_huge_header,
-                            noisy_image, png_bomb, png_with_huge_header, sixteen_bit_png, solid_jpeg, truncated)
+from tests.conftest import (
+    animated_gif,
+    encode,
+    exif_rotated_jpeg,
+    gif_with_huge_screen,
+    jpeg_with_huge_header,
+    noisy_image,
+    png_bomb,
+    png_with_huge_header,
+    sixteen_bit_png,
+    solid_jpeg,
+    truncated,
+)
 
 
 def refusal(data: bytes, limits: ImageLimits = ImageLimits()) -> InputError:

@@ -6,8 +6,15 @@ import json
 
 import pytest
 
-from inference.errors import (ERROR_STATUS, ErrorCode, InputError, ServiceError, error_body, error_response,
-                              service_error_response)
+from inference.errors import (
+    ERROR_STATUS,
+    ErrorCode,
+    InputError,
+    ServiceError,
+    error_body,
+    error_response,
+    service_error_response,
+)
 
 
 def test_every_code_has_an_error_status_and_serialises_as_its_name() -> None:

@@ -14,8 +14,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from inference.errors import InputError
 from inference import fetch
+from inference.errors import InputError
 from inference.fetch import UrlPolicy, blocked_reason, fetch_url, parse_ip_literal, vet_url
 from tests.conftest import MISBEHAVE_FOR_S, ImageHost, make_handler, solid_jpeg
 
@@ -78,7 +78,8 @@ def test_names_resolving_to_non_public_addresses_are_refused(host: str, addresse
     ("javascript:alert(1)", "url_scheme_not_allowed"), ("//example.com/x.jpg", "url_scheme_not_allowed"),
     ("example.com/x.jpg", "url_scheme_not_allowed"), ("", "invalid_url"),
     ("http://user:pw@example.com/x.jpg", "invalid_url"), ("http://example.com@127.0.0.1/x.jpg", "invalid_url"),
-    ("http:///x.jpg", "invalid_url"), ("http://exa mple.com/", "invalid_url"), ("http://a.com/\r\nHost: b", "invalid_url"),
+    ("http:///x.jpg", "invalid_url"), ("http://exa mple.com/", "invalid_url"),
+    ("http://a.com/\r\nHost: b", "invalid_url"),
     ("http://example.com:99999/", "invalid_url"), ("http://example.com:port/", "invalid_url"),
     ("http://example.com\\@127.0.0.1/", "invalid_url"), ("http://" + "a" * 3000 + ".com/", "invalid_url"),
     ("http://no-such-host.example/x.jpg", "url_unresolvable"),

@@ -8,8 +8,13 @@ from typing import Any
 
 from starlette.datastructures import UploadFile
 
-from inference.http_guards import (LoadSheddingMiddleware, RequestGuardMiddleware, RequestTimeoutMiddleware,
-                                   enveloped, file_field_problem)
+from inference.http_guards import (
+    LoadSheddingMiddleware,
+    RequestGuardMiddleware,
+    RequestTimeoutMiddleware,
+    enveloped,
+    file_field_problem,
+)
 
 
 def test_bentoml_and_starlette_error_bodies_get_our_envelope() -> None:

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.preprocess import (Preprocessing, normalize_pixels, preprocess, preprocess_batch, to_pixels,
-                                  trim_long_side)
+from inference.preprocess import (
+    Preprocessing,
+    normalize_pixels,
+    preprocess,
+    preprocess_batch,
+    to_pixels,
+    trim_long_side,
+)
 
 
 def photo_like(width: int, height: int) -> Image.Image:
@@ -18,7 +24,8 @@ def photo_like(width: int, height: int) -> Image.Image:
     return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
 
 
-@pytest.mark.parametrize("size", [(256, 256), (416, 416), (640, 480), (480, 640), (1600, 1200), (900, 300), (2000, 400)])
+@pytest.mark.parametrize("size", [(256, 256), (416, 416), (640, 480), (480, 640), (1600, 1200), (900, 300),
+                                  (2000, 400)])
 def test_matches_torchvision_eval_transform(size: tuple[int, int]) -> None:
     transforms = pytest.importorskip("torchvision.transforms")
 

@@ -228,7 +228,8 @@ def test_empty_and_malformed_bodies(server: Server) -> None:
              (b"[1, 2]", "application/json", "invalid_request"), (b"null", "application/json", "invalid_request"),
              (b'{"image_url": ["a", "b"]}', "application/json", "invalid_request")]
     for body, content_type, code in cases:
-        response = requests.post(server.url + "/classify", data=body, headers={"Content-Type": content_type}, timeout=30)
+        response = requests.post(server.url + "/classify", data=body, headers={"Content-Type": content_type},
+                                 timeout=30)
         assert response.status_code == 400 and response.json()["error"]["code"] == code, (body, response.text)
 
 

@@ -27,8 +27,17 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from tests.conftest import (ImageHost, Server, TinyModel, encode, noisy_image, real_photos, solid_jpeg, start_server,
-                            stop_server)
+from tests.conftest import (
+    ImageHost,
+    Server,
+    TinyModel,
+    encode,
+    noisy_image,
+    real_photos,
+    solid_jpeg,
+    start_server,
+    stop_server,
+)
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
