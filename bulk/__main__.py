@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPUs Ray reserves per inference actor")
     parser.add_argument("--load-cpus", type=positive(float), default=DEFAULTS.load_cpus,
                         help="CPUs Ray reserves per decode task")
+    parser.add_argument("--load-tasks", type=positive(int),
+                        help="decode tasks at a time (default: one per CPU of the cluster)")
     parser.add_argument("--ort-threads", type=positive(int), default=DEFAULTS.ort_threads,
                         help="ONNX Runtime threads per actor")
     parser.add_argument("--fetch-threads", type=positive(int), default=DEFAULTS.fetch_threads,
@@ -69,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = JobOptions(source=args.source, out=args.out, model=args.model, address=args.address,
                          format=args.format, column=args.column, batch_size=args.batch_size, actors=args.actors,
-                         actor_cpus=args.actor_cpus, load_cpus=args.load_cpus, ort_threads=args.ort_threads,
+                         actor_cpus=args.actor_cpus, load_cpus=args.load_cpus,
+                         load_tasks=args.load_tasks, ort_threads=args.ort_threads,
                          fetch_threads=args.fetch_threads, part_rows=args.part_rows, progress=not args.no_progress)
     try:
         summary = run_job(options)
