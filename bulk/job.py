@@ -37,6 +37,8 @@ from inference.config import ServiceConfig
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PACKAGES = ("bulk", "inference")  # what remote workers import, sent along by Ray (py_modules)
 FORMATS = ("parquet", "csv")
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": every Ray address is 127.0.0.1
+logger = logging.getLogger("bulk")
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,8 @@ class StreamStats:
 def classify_pending(work: WorkDir, done, pending: int, bundle: ModelBundle, settings: LoadSettings,
                      threshold: float, schema: pa.Schema, options: JobOptions) -> StreamStats:
     """Run the Ray pipeline over the inputs without a result; return how many rows arrived, and when."""
-    import ray
-
     start_ray(options.address)
+    import ray  # after start_ray, which sets what Ray reads at import
     writer = PartWriter(work.path, schema, options.part_rows)
     stream = StreamStats(ray_ready_at=time.monotonic())
     progress = tqdm(total=pending, unit="img", desc="bulk", disable=not options.progress, file=sys.stderr,
@@ -201,16 +202,22 @@ def start_ray(address: str | None) -> None:
 
     On a cluster, the `bulk` and `inference` packages travel with the job (Ray's py_modules): the workers'
     image needs only the Python dependencies (the bento's image plus Ray). Locally, RAY_ENABLE_WINDOWS_OR_OSX_
-    CLUSTER=0 makes every Ray process bind and dial the loopback address: a local job needs no network.
+    CLUSTER=0 makes every Ray process bind and dial the loopback address (a local job needs no network); Ray
+    reads it when it is imported, so it is set before the import.
     """
-    import ray
-
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        os.environ.setdefault(LOOPBACK_ONLY, "0")
+    import ray
+    from ray._private import ray_constants
+
     if address:
         ray.init(address=address, logging_level=logging.WARNING,
                  runtime_env={"py_modules": [str(REPO_ROOT / name) for name in SHIPPED_PACKAGES]})
     else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            logger.warning("Ray was imported before %s=0 was set: local Ray may listen beyond 127.0.0.1",
+                           LOOPBACK_ONLY)
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING,
                  object_store_memory=local_object_store_bytes(os.cpu_count() or 1))
     quiet_ray_data()
@@ -233,7 +240,8 @@ def quiet_ray_data() -> None:
     context.enable_progress_bars = False
     context.enable_auto_log_stats = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*won't fully utilize the available concurrency.*")
+    # "the operator only received N input(s)": small jobs have fewer blocks than workers, which is fine
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\.")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
