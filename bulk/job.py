@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from bulk.model import ModelBundle, read_model_bundle
@@ -120,8 +121,6 @@ def run_job(options: JobOptions) -> dict[str, Any]:
 
 
 def read_input_count(work: WorkDir) -> int:
-    import pyarrow.parquet as pq
-
     return pq.ParquetFile(work.inputs).metadata.num_rows
 
 

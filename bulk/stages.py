@@ -89,15 +89,15 @@ def read_input(text: str, settings: LoadSettings) -> bytes:
 
 
 def read_file(path: Path, max_bytes: int) -> bytes:
-    """A file's bytes, refusing more than `max_bytes`; an unreadable file is a fetch_failed, like a 404."""
+    """A file's bytes under the byte limit (checked before reading, as the service checks uploads); a file
+    that cannot be read is a fetch_failed, like a URL that answers 404."""
     try:
-        with path.open("rb") as handle:
-            data = handle.read(max_bytes + 1)
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise InputError("image_too_large", f"the image is {size} bytes; the limit is {max_bytes} bytes")
+        return path.read_bytes()
     except OSError as exc:
         raise InputError("fetch_failed", f"cannot read {path} ({type(exc).__name__}: {exc.strerror or exc})") from None
-    if len(data) > max_bytes:
-        raise InputError("image_too_large", f"the image is over {max_bytes} bytes; the limit is {max_bytes} bytes")
-    return data
 
 
 def read_or_error(text: str, settings: LoadSettings) -> bytes | ServiceError:

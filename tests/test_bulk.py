@@ -479,3 +479,31 @@ def test_pending_inputs_skip_done_rows(tmp_path: Path) -> None:
     done[[0, 3, 4, 9]] = True
     blocks = list(work.pending_inputs(done, rows_per_block=4))
     assert [block.column("row").to_pylist() for block in blocks] == [[1, 2], [5, 6, 7], [8]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# A bigger run (make test-e2e)
+
+
+@pytest.mark.e2e
+def test_two_thousand_real_photos_on_the_cluster_match_the_offline_model(ray_cluster: Any, tiny_model: TinyModel,
+                                                                          tmp_path: Path) -> None:
+    from benchmarks.common import DEFAULT_DATA, find_room_photos
+    from inference.decode import ImageLimits, decode_image
+    from inference.model import OnnxClassifier
+
+    photos = [str(path) for path in find_room_photos(DEFAULT_DATA, 2000)]
+    source = tmp_path / "catalogue.csv"
+    source.write_text("id,path\n" + "".join(f"{index},{path}\n" for index, path in enumerate(photos)))
+    out = tmp_path / "results.parquet"
+    summary = run_bulk(bulk_command(source, out, "--address", ray_cluster.address), job_env(tiny_model))
+    rows = read_results(out)
+    assert summary["ok"] == len(photos) and [row["input"] for row in rows] == photos
+    offline = OnnxClassifier.from_files(tiny_model.onnx_path, tiny_model.metadata, tag=tiny_model.tag)
+    limits = ImageLimits(max_bytes=4 << 20, max_pixels=30_000_000)
+    for row in rows[::40]:  # 50 spread over the run, through the offline reference path
+        image = decode_image(Path(row["input"]).read_bytes(), limits, min_size=offline.info.preprocessing.resize_size)
+        prediction = offline.predict([image], top_k=4)[0]
+        assert row["class"] == prediction.label
+        for label, probability in prediction.probabilities:
+            assert abs(row[f"p_{label}"] - probability) <= 1e-5
