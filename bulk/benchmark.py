@@ -85,18 +85,20 @@ def init_loop_worker(bundle: Any, settings: Any) -> None:
     _WORKER["settings"] = settings
 
 
-def classify_paths(paths: Sequence[str]) -> int:
-    """What a bulk job does for these paths, with nothing but inference/: read, decode + preprocess, model, softmax."""
+def classify_paths(paths: Sequence[str]) -> tuple[int, float]:
+    """What a bulk job does for these paths, with nothing but inference/: read, decode + preprocess, model, softmax.
+    Returns the count and the CPU seconds this process spent on them."""
     from inference.postprocess import postprocess
     from inference.preprocess import bytes_to_input
 
     classifier, settings = _WORKER["classifier"], _WORKER["settings"]
     info = classifier.info
+    cpu_started = time.process_time()
     for start in range(0, len(paths), BATCH):
         batch = np.stack([bytes_to_input(Path(path).read_bytes(), info.preprocessing, settings.limits,
                                          jpeg_draft=settings.jpeg_draft) for path in paths[start:start + BATCH]])
         postprocess(classifier.logits(batch), info.labels, info.temperature, len(info.labels), 0.5)
-    return len(paths)
+    return len(paths), time.process_time() - cpu_started
 
 
 def plain_loop(paths: Sequence[str], processes: int) -> dict[str, Any]:
@@ -111,10 +113,11 @@ def plain_loop(paths: Sequence[str], processes: int) -> dict[str, Any]:
     with multiprocessing.get_context("spawn").Pool(processes, init_loop_worker, (bundle, settings)) as pool:
         pool.map(classify_paths, [[p] for p in paths[:processes * 2]], chunksize=1)  # every worker loaded
         started = time.perf_counter()
-        count = sum(pool.map(classify_paths, shards, chunksize=1))
+        done = pool.map(classify_paths, shards, chunksize=1)
         seconds = time.perf_counter() - started
+    count, cpu_seconds = sum(n for n, _ in done), sum(cpu for _, cpu in done)
     return {"processes": processes, "images": count, "seconds": round(seconds, 2),
-            "images_per_s": round(count / seconds, 2)}
+            "images_per_s": round(count / seconds, 2), "cpu_ms_per_image": round(1000 * cpu_seconds / count, 2)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,12 +130,14 @@ def bulk_job(list_file: Path, out: Path, extra_args: str) -> dict[str, Any]:
                *extra_args.split()]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = {"rss": 0, "pss": 0}
+    cpu_by_pid: dict[int, float] = {}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             peak["rss"] = max(peak["rss"], process_tree_rss(process.pid))
             peak["pss"] = max(peak["pss"], process_tree_pss(process.pid))
+            cpu_by_pid.update(process_tree_cpu(process.pid))
             stop.wait(0.25)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -143,7 +148,27 @@ def bulk_job(list_file: Path, out: Path, extra_args: str) -> dict[str, Any]:
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-4000:]}")
     summary = json.loads(stdout.strip().splitlines()[-1])
-    return {**summary, "peak_rss_mib": round(peak["rss"] / 2**20, 1), "peak_pss_mib": round(peak["pss"] / 2**20, 1)}
+    cpu_ms = 1000 * sum(cpu_by_pid.values()) / max(1, summary["classified_now"])
+    return {**summary, "peak_rss_mib": round(peak["rss"] / 2**20, 1), "peak_pss_mib": round(peak["pss"] / 2**20, 1),
+            "cpu_ms_per_image": round(cpu_ms, 2)}
+
+
+def process_tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) so far of a process and its descendants, by pid. Sampled 4x/s, so a
+    process that ends between samples loses its last quarter second: a slight undercount."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    found = {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            found[process.pid] = times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def process_tree_pss(pid: int) -> int:
@@ -195,14 +220,17 @@ def report(results: dict[str, Any]) -> str:
              f"load average before/after: {results['load_before']:.2f} / {results.get('load_after', 0):.2f}"]
     a1, an = results.get("loop_1"), results.get("loop_all")
     if a1:
-        lines.append(f"(a) plain loop, 1 process:            {a1['images_per_s']:8.1f} images/s")
+        lines.append(f"(a) plain loop, 1 process:            {a1['images_per_s']:8.1f} images/s, "
+                     f"{a1['cpu_ms_per_image']} CPU-ms/image")
     if an:
-        lines.append(f"(a) plain loop, {an['processes']} processes:           {an['images_per_s']:8.1f} images/s")
+        lines.append(f"(a) plain loop, {an['processes']} processes:           {an['images_per_s']:8.1f} images/s, "
+                     f"{an['cpu_ms_per_image']} CPU-ms/image")
     b = results.get("bulk")
     if b:
         lines.append(f"(b) bulk job on local Ray:            {b['pipeline_images_per_s'] or 0:8.1f} images/s once Ray "
                      f"is up ({b['images_per_s']:.1f} images/s over the whole wall time of {b['wall_s']} s); "
-                     f"peak memory: PSS {b['peak_pss_mib']} MiB, RSS {b['peak_rss_mib']} MiB")
+                     f"peak memory: PSS {b['peak_pss_mib']} MiB, RSS {b['peak_rss_mib']} MiB; {b['cpu_ms_per_image']} CPU-ms/image "
+                     "(all of Ray's processes, start included)")
     c = results.get("service")
     if c:
         lines.append(f"(c) HTTP service, classify_batch:     {c['images_per_s']:8.1f} images/s "
@@ -212,7 +240,8 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"(d) bulk job, {d['inputs']} inputs:         peak memory: PSS {d['peak_pss_mib']} MiB, RSS "
                      f"{d['peak_rss_mib']} MiB (vs PSS {b['peak_pss_mib'] if b else '?'}, RSS "
                      f"{b['peak_rss_mib'] if b else '?'} MiB for {b['inputs'] if b else '?'} inputs); "
-                     f"{d['pipeline_images_per_s']} images/s once Ray is up, wall {d['wall_s']} s")
+                     f"{d['pipeline_images_per_s']} images/s once Ray is up, wall {d['wall_s']} s; "
+                     f"{d['cpu_ms_per_image']} CPU-ms/image")
     best_loop = max((x["images_per_s"] for x in (a1, an) if x), default=None)
     d = results.get("bulk_repeat")
     if b and best_loop:
@@ -225,8 +254,18 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"ratio (b) once Ray is up / (c): {(b['pipeline_images_per_s'] or 0) / c['images_per_s']:.2f}")
     if d and c:
         lines.append(f"ratio (d) once Ray is up / (c): {(d['pipeline_images_per_s'] or 0) / c['images_per_s']:.2f}")
+    if b and d and d["classified_now"] > b["classified_now"]:
+        extra_cpu = d["cpu_ms_per_image"] * d["classified_now"] - b["cpu_ms_per_image"] * b["classified_now"]
+        marginal = extra_cpu / (d["classified_now"] - b["classified_now"])
+        lines.append(f"marginal CPU-ms/image of the job ((d) - (b), Ray's fixed start cost cancelled): {marginal:.2f}"
+                     + (f"; vs (a) 1 process: {a1['cpu_ms_per_image'] / marginal:.2f}" if a1 else ""))
+    if a1 and d:
+        lines.append(f"CPU efficiency (d) vs (a) 1 process: {a1['cpu_ms_per_image'] / d['cpu_ms_per_image']:.2f} "
+                     "(CPU-ms per image: robust to other jobs on a shared machine; on dedicated cores, images/s "
+                     "= cores x 1000 / CPU-ms per image)")
     if a1:
-        lines.append(f"per-core rate of the plain loop: {a1['images_per_s']:.1f} images/s")
+        lines.append(f"per-core rate of the plain loop: {a1['images_per_s']:.1f} images/s "
+                     f"({1000 / a1['cpu_ms_per_image']:.1f} images per CPU-second)")
     return "\n".join(lines)
 
 
