@@ -17,7 +17,11 @@ export BENTOML_DO_NOT_TRACK ?= true
 LOCAL_BASE ?= localhost/bento-base:bookworm
 EXTRA_CA ?= /usr/local/share/ca-certificates
 
-.PHONY: setup dataset train compare bento serve container-setup image run-image bench soak benchmark-data all test test-e2e test-web lint
+# make bulk SOURCE=DIR|LIST [RESULTS=FILE] [BULK_ARGS="--address HOST:PORT ..."]: tag a catalogue on Ray
+RESULTS ?= $(OUT)/bulk/results.parquet
+BULK_ARGS ?=
+
+.PHONY: setup dataset train compare bento serve container-setup image run-image bench soak benchmark-data all test test-e2e test-web lint bulk bench-bulk
 
 setup: $(VENV)/.installed
 
@@ -58,6 +62,13 @@ bench: setup
 
 soak: setup
 	$(PY) -m benchmarks.soak --json $(OUT)/soak.json --plot $(OUT)/soak.png
+
+bulk: setup
+	@test -n "$(SOURCE)" || (echo "usage: make bulk SOURCE=folder-or-list [RESULTS=file.parquet|.csv] [BULK_ARGS=...]" && exit 2)
+	$(PY) -m bulk $(SOURCE) --out $(RESULTS) $(BULK_ARGS)
+
+bench-bulk: setup
+	$(PY) -m bulk.benchmark --json $(OUT)/bench_bulk.json
 
 benchmark-data: setup
 	$(PY) -m data_prep.benchmark

@@ -32,9 +32,8 @@ from starlette.routing import Route
 from inference import stages
 from inference.batching import GreedyBatcher, QueueTimeout
 from inference.config import ServiceConfig
-from inference.decode import ImageLimits
 from inference.errors import ErrorCode, InputError, ServiceError, service_error_response
-from inference.fetch import UrlPolicy, fetch_url
+from inference.fetch import fetch_url
 from inference.http_guards import (
     ErrorEnvelopeMiddleware,
     LoadSheddingMiddleware,
@@ -154,12 +153,8 @@ class RoomClassifier:
     model_ref = MODEL  # `bentoml build` packs the model; the service loads it from the store
 
     def __init__(self) -> None:
-        self.image_limits = ImageLimits(max_bytes=CONFIG.max_image_bytes, max_pixels=CONFIG.max_pixels,
-                                        formats=tuple(name.upper() for name in CONFIG.image_formats))
-        self.url_policy = UrlPolicy.with_allowlist(
-            CONFIG.url_allowlist, connect_timeout_s=CONFIG.fetch_connect_timeout_s,
-            read_timeout_s=CONFIG.fetch_read_timeout_s, total_timeout_s=CONFIG.fetch_total_timeout_s,
-            max_redirects=CONFIG.fetch_max_redirects, max_bytes=CONFIG.max_image_bytes)
+        self.image_limits = CONFIG.image_limits()
+        self.url_policy = CONFIG.url_policy()
         self._decode_limiter: anyio.CapacityLimiter | None = None
         self._fetch_limiter: anyio.CapacityLimiter | None = None
         self.classifier: OnnxClassifier | None = None

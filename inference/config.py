@@ -44,6 +44,9 @@ from typing import Any, Iterable, Mapping
 
 from PIL import Image
 
+from inference.decode import ImageLimits
+from inference.fetch import UrlPolicy
+
 ENV_PREFIX = "RC_"
 
 
@@ -94,6 +97,18 @@ class ServiceConfig:
         config = cls(**values)
         config.validate()
         return config
+
+    def image_limits(self) -> ImageLimits:
+        """The decoder's limits (`inference.decode.decode_image`) from these settings."""
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_pixels,
+                           formats=tuple(name.upper() for name in self.image_formats))
+
+    def url_policy(self) -> UrlPolicy:
+        """The URL fetcher's policy (`inference.fetch.fetch_url`) from these settings."""
+        return UrlPolicy.with_allowlist(
+            self.url_allowlist, connect_timeout_s=self.fetch_connect_timeout_s,
+            read_timeout_s=self.fetch_read_timeout_s, total_timeout_s=self.fetch_total_timeout_s,
+            max_redirects=self.fetch_max_redirects, max_bytes=self.max_image_bytes)
 
     def validate(self) -> None:
         """Refuse settings that cannot work (zero threads, negative limits, thresholds outside [0, 1])."""
