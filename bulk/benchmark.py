@@ -11,8 +11,8 @@ machine, one measurement at a time:
   (c) the HTTP service (`bentoml serve`, its default RC_* settings) under `--clients` clients sending
       classify_batch requests of 16 uploads;
   (d) the bulk job on `--repeat` x the photos (a list file naming each photo `--repeat` times): peak memory.
-(a) and (b) take turns `--rounds` times, and (a) runs once more after (d); the best round of each counts. The model is a copy of
-room_classifier:latest from `--model-home` (default: the default BentoML home, if it has one), else the tiny
+(a) and (b) take turns `--rounds` times, and (a) runs once more after (d); the best round of each counts.
+The model is a copy of room_classifier:latest from `--model-home` (default: the default BentoML home, if it has one), else the tiny
 test model; the output says which. The machine may be shared: compare the ratios printed at the end, measured
 in the same run, rather than the absolute figures.
 """
@@ -46,7 +46,8 @@ SERVICE_IMAGES_PER_REQUEST = 16
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder with extra/<source>/<class>/")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="shared data folder with extra/<source>/<class>/")
     parser.add_argument("--photos", type=int, default=2000, help="distinct real photos")
     parser.add_argument("--repeat", type=int, default=10, help="the memory run classifies photos x repeat inputs")
     parser.add_argument("--model-home", help="BentoML home to copy room_classifier:latest from "
@@ -229,7 +230,8 @@ def report(results: dict[str, Any]) -> str:
     if b:
         lines.append(f"(b) bulk job on local Ray:            {b['pipeline_images_per_s'] or 0:8.1f} images/s once Ray "
                      f"is up ({b['images_per_s']:.1f} images/s over the whole wall time of {b['wall_s']} s); "
-                     f"peak memory: PSS {b['peak_pss_mib']} MiB, RSS {b['peak_rss_mib']} MiB; {b['cpu_ms_per_image']} CPU-ms/image "
+                     f"peak memory: PSS {b['peak_pss_mib']} MiB, RSS {b['peak_rss_mib']} MiB; "
+                     f"{b['cpu_ms_per_image']} CPU-ms/image "
                      "(all of Ray's processes, start included)")
     c = results.get("service")
     if c:
@@ -279,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["BENTOML_HOME"] = home  # before anything imports bentoml; subprocesses inherit it
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rc-bulk-bench-")))
         tag = run_with_home(home, ["-c", "import bentoml; m = bentoml.models.get('room_classifier:latest'); "
-                                   "print(m.tag, m.info.metadata['architecture'], m.info.metadata.get('precision', ''))"])
+                                   "print(m.tag, m.info.metadata['architecture'], "
+                                   "m.info.metadata.get('precision', ''))"])
         results["model"] = f"{tag.strip()} ({'copied from ' + source_home if source_home else 'tiny test model'})"
         photos = find_room_photos(args.data, args.photos)
         names = [str(path) for path in photos]
