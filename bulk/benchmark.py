@@ -13,8 +13,8 @@ machine, one measurement at a time:
   (d) the bulk job on `--repeat` x the photos (a list file naming each photo `--repeat` times): peak memory.
 (a) and (b) take turns `--rounds` times, and (a) runs once more after (d); the best round of each counts.
 The model is a copy of room_classifier:latest from `--model-home` (default: the default BentoML home, if it
-has one), else the tiny test model; the output says which. The machine may be shared: compare the ratios printed at the end, measured
-in the same run, rather than the absolute figures.
+has one), else the tiny test model; the output says which. The machine may be shared: compare the ratios
+printed at the end, measured in the same run, rather than the absolute figures.
 """
 
 from __future__ import annotations
