@@ -121,6 +121,16 @@ def stop_server_process(process: subprocess.Popen) -> None:
 
 def process_tree_rss(pid: int) -> int:
     """Sum of RSS over a process and its descendants (processes that vanish meanwhile are skipped)."""
+    return process_tree_memory(pid, lambda process: process.memory_info().rss)
+
+
+def process_tree_pss(pid: int) -> int:
+    """Sum of PSS over a process and its descendants: shared memory (Ray's object store) counted once, where
+    a sum of RSS counts it again in every process that maps it."""
+    return process_tree_memory(pid, lambda process: process.memory_full_info().pss)
+
+
+def process_tree_memory(pid: int, measure) -> int:  # measure: psutil.Process -> bytes
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
@@ -129,8 +139,8 @@ def process_tree_rss(pid: int) -> int:
     total = 0
     for process in processes:
         try:
-            total += process.memory_info().rss
-        except psutil.NoSuchProcess:
+            total += measure(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return total
 

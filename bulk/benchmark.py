@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import psutil
 
-from benchmarks.common import DEFAULT_DATA, BentoServer, find_room_photos, process_tree_rss
+from benchmarks.common import DEFAULT_DATA, BentoServer, find_room_photos, process_tree_pss, process_tree_rss
 from benchmarks.model_home import run_with_home, temporary_model_home
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -170,23 +170,6 @@ def process_tree_cpu(pid: int) -> dict[int, float]:
         except psutil.NoSuchProcess:
             pass
     return found
-
-
-def process_tree_pss(pid: int) -> int:
-    """Sum of PSS over a process and its descendants: shared memory (Ray's object store) counted once, where
-    a sum of RSS counts it again in every process that maps it."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for process in processes:
-        try:
-            total += process.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
 
 
 # ----------------------------------------------------------------------------------------------------

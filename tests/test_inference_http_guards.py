@@ -57,13 +57,19 @@ def http_scope(path: str = "/classify", headers: list[tuple[bytes, bytes]] | Non
     return {"type": "http", "method": "POST", "path": path, "headers": headers or []}
 
 
-def test_load_shedding_answers_429_with_retry_after_beyond_the_limit() -> None:
-    release = asyncio.Event()
-
+def app_answering_after(release: asyncio.Event):
+    """An ASGI app that answers 200 once `release` is set: requests stay in flight as long as a test wants."""
     async def slow_app(scope: Any, receive: Any, send: Any) -> None:
         await release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
+
+    return slow_app
+
+
+def test_load_shedding_answers_429_with_retry_after_beyond_the_limit() -> None:
+    release = asyncio.Event()
+    slow_app = app_answering_after(release)
 
     async def scenario() -> list[int]:
         guard = LoadSheddingMiddleware(slow_app, max_concurrency=2, paths=["/classify"], retry_after_s=3)
@@ -127,11 +133,7 @@ def test_request_timeout_answers_504_in_our_envelope_unless_the_answer_started()
 
 def test_load_shedding_lets_a_few_wait_in_line_then_refuses_at_once() -> None:
     release = asyncio.Event()
-
-    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
-        await release.wait()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
+    slow_app = app_answering_after(release)
 
     async def scenario() -> list[int]:
         guard = LoadSheddingMiddleware(slow_app, max_concurrency=2, paths=["/classify"], retry_after_s=1,
@@ -151,11 +153,7 @@ def test_load_shedding_lets_a_few_wait_in_line_then_refuses_at_once() -> None:
 
 def test_load_shedding_refuses_after_the_longest_wait_and_frees_the_line() -> None:
     release = asyncio.Event()
-
-    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
-        await release.wait()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
+    slow_app = app_answering_after(release)
 
     async def scenario() -> list[int]:
         guard = LoadSheddingMiddleware(slow_app, max_concurrency=1, paths=["/classify"], retry_after_s=1,
