@@ -9,6 +9,8 @@ WEIGHTS ?= ../shared/weights
 OUT ?= artifacts
 PROFILE ?= default
 ARCH ?= mobilenet_v2
+# Distillation from CSAIL's Places365 network (weights in $(WEIGHTS)/places365); `make train KD=` trains without it.
+KD ?= --kd-alpha 0.5 --kd-temperature 4
 RUN_DIR ?= runs/$(PROFILE)
 PORT ?= 3000
 export TORCH_HOME ?= $(CURDIR)/.torch
@@ -31,10 +33,10 @@ dataset: setup
 	$(PY) -m data_prep --sunrgbd $(DATA)/SUNRGBD --extra $(DATA)/extra/places365 --extra $(DATA)/extra/house_rooms --out $(OUT)/dataset
 
 train: setup
-	$(PY) -m training run --data $(OUT)/dataset --run-dir $(RUN_DIR) --profile $(PROFILE) --arch $(ARCH) --weights-dir $(WEIGHTS) --int8
+	$(PY) -m training run --data $(OUT)/dataset --run-dir $(RUN_DIR) --profile $(PROFILE) --arch $(ARCH) --weights-dir $(WEIGHTS) --int8 $(KD)
 
 compare: setup
-	$(PY) -m training compare --data $(OUT)/dataset --run-dir runs/compare --weights-dir $(WEIGHTS)
+	$(PY) -m training compare --data $(OUT)/dataset --run-dir runs/compare --weights-dir $(WEIGHTS) --archs mobilenet_v3_small mobilenet_v2 mobilenet_v3_large --distill both $(KD)
 
 bento: setup
 	$(VENV)/bin/bentoml build

@@ -213,27 +213,48 @@ def test_kd_loss_refuses_nonsense_settings() -> None:
 
 
 @needs_teacher
-def test_compare_table_has_the_teacher_row_and_the_audit_lists_a_mislabelled_photo(tmp_path: Path) -> None:
+def test_compare_has_the_teacher_row_a_distilled_student_and_the_audit(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compare` on a tiny real split: the teacher's zero-shot row, a distilled student trained through the
+    real recipe (reusing the teacher's cached outputs: another student computes nothing), and the label audit
+    listing a photo filed under the wrong class without dropping it."""
+    from dataclasses import replace
+
+    from training.backbones import seed_hub_cache
     from training.compare import compare
     from training.recipe import PROFILES
 
-    data = split_tree(tmp_path / "data", {"train": 2, "val": 2, "test": 2})
-    # A kitchen photo filed as a bedroom in train: the audit must list it (and nothing is dropped).
-    wrong = photos("kitchen", 1, 20)[0]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    seed_hub_cache(WEIGHTS)
+    data = split_tree(tmp_path / "data", {"train": 3, "val": 2, "test": 2})
+    wrong = photos("kitchen", 1, 20)[0]  # a kitchen photo filed as a bedroom
     shutil.copyfile(wrong, data / "train" / "bedroom" / f"house_rooms__{wrong.name}")
-    rows = compare(data, tmp_path / "compare", [], PROFILES["quick"], teacher=True, weights_dir=WEIGHTS,
-                   soft_target_dir=tmp_path / "cache")
-    assert len(rows) == 1 and rows[0]["kd"] == "zero-shot"
+    recipe = replace(PROFILES["quick"], warmup_epochs=1, epochs=2, views=2, kd_alpha=0.5, kd_temperature=2.0)
+    arguments = dict(teacher=True, weights_dir=WEIGHTS, soft_target_dir=tmp_path / "cache")
+    rows = compare(data, tmp_path / "compare", ["mobilenet_v3_small"], recipe, "on", **arguments)
+
+    assert [row["kd"] for row in rows] == ["zero-shot", "alpha 0.5, T 2.0"]
+    teacher_row, student_row = rows
     table = (tmp_path / "compare" / "compare.md").read_text()
     teacher_line = next(line for line in table.splitlines() if "(teacher)" in line)
-    assert f"{rows[0]['test_accuracy']:.4f}" in teacher_line
-    assert 0.5 <= rows[0]["test_accuracy"] <= 1.0 and rows[0]["ort_batch1_ms"] > 0
-    assert rows[0]["params_m"] == pytest.approx(11.7, abs=0.1)
+    assert f"{teacher_row['test_accuracy']:.4f}" in teacher_line and f"{teacher_row['test_ece_after']:.4f}" in teacher_line
+    assert 0.5 <= teacher_row["test_accuracy"] <= 1.0 and teacher_row["ort_batch1_ms"] > 0
+    assert teacher_row["params_m"] == pytest.approx(11.7, abs=0.1)
+    assert student_row["arch"] == "mobilenet_v3_small" and 0.0 <= student_row["test_accuracy"] <= 1.0
 
-    audit_dir = tmp_path / "compare" / "teacher"
-    with open(audit_dir / "label_audit.csv", newline="") as handle:
-        flagged = list(csv.DictReader(handle))
-    assert any(row["path"].endswith(wrong.name) and row["label"] == "bedroom" and row["teacher_class"] == "kitchen"
-               for row in flagged), flagged
-    assert (audit_dir / "label_audit.png").stat().st_size > 0
-    assert len(list((data / "train" / "bedroom").iterdir())) == 3  # listed, not dropped
+    history = torch.load(tmp_path / "compare" / "mobilenet_v3_small-kd" / "best.pt", weights_only=False)["history"]
+    assert history["teacher_pass"]["computed"] == 0 and history["teacher_pass"]["reused"] == 13
+
+    for audit_dir in (tmp_path / "compare" / "teacher", tmp_path / "compare" / "mobilenet_v3_small-kd" / "report"):
+        with open(audit_dir / "label_audit.csv", newline="") as handle:
+            flagged = list(csv.DictReader(handle))
+        assert any(row["path"].endswith(wrong.name) and row["label"] == "bedroom" and row["teacher_class"] == "kitchen"
+                   for row in flagged), flagged
+        assert (audit_dir / "label_audit.png").stat().st_size > 0
+    assert len(list((data / "train" / "bedroom").iterdir())) == 4  # listed, not dropped
+
+    # The same recipe on the same data again: the rows are reused, nothing is retrained.
+    before = (tmp_path / "compare" / "mobilenet_v3_small-kd" / "best.pt").stat().st_mtime_ns
+    again = compare(data, tmp_path / "compare", ["mobilenet_v3_small"], recipe, "on", **{**arguments, "teacher": False})
+    assert again == [student_row]
+    assert (tmp_path / "compare" / "mobilenet_v3_small-kd" / "best.pt").stat().st_mtime_ns == before
