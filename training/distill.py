@@ -132,7 +132,7 @@ def label_audit(data: Path, teacher: Places365Teacher, out_dir: Path, weights_di
 def plot_audit_grid(data: Path, rows: list[dict[str, Any]], path: Path, columns: int = 8) -> None:
     count = max(len(rows), 1)
     lines = (count + columns - 1) // columns
-    figure, axes = plt.subplots(lines, columns, figsize=(2.1 * columns, 2.4 * lines), squeeze=False)
+    figure, axes = plt.subplots(lines, columns, figsize=(2.1 * columns, 2.9 * lines), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, row in zip(axes.flat, rows):
@@ -144,7 +144,7 @@ def plot_audit_grid(data: Path, rows: list[dict[str, Any]], path: Path, columns:
     if not rows:
         axes.flat[0].text(0.5, 0.5, "no photo flagged", ha="center", va="center")
     figure.suptitle(f"Label audit: {len(rows)} most confident disagreements (label vs teacher)", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.97), h_pad=1.5)
     figure.savefig(path, dpi=90)
     plt.close(figure)
 
