@@ -1,4 +1,4 @@
-"""`python -m training <step>`: train, export, evaluate, register, run (all four), compare."""
+"""`python -m training <step>`: train, export, evaluate, register, run (all four), compare, teacher."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 from training.backbones import BACKBONES, WeightsUnavailable, seed_hub_cache
-from training.recipe import PROFILES, recipe_from_args
+from training.recipe import DISTILL_CHOICES, KD_TEACHER_VIEWS, PROFILES, recipe_from_args
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
-    parser.add_argument("step", choices=["train", "export", "evaluate", "register", "run", "compare"])
+    parser.add_argument("step", choices=["train", "export", "evaluate", "register", "run", "compare", "teacher"])
     parser.add_argument("--data", type=Path, required=True, help="dataset folder written by data_prep")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="where this run's files go")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
@@ -29,20 +29,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--int8", action="store_true", help="also quantize to INT8 and serve it if faster and as accurate")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     parser.add_argument("--no-register", action="store_true", help="`run` without saving into the model store")
+    parser.add_argument("--register-if-val-above", type=float,
+                        help="`run`: register only if the served model's val accuracy beats this (e.g. today's model's)")
+    kd = parser.add_argument_group("distillation from the Places365 teacher (needs places365/ in --weights-dir "
+                                   "or a network)")
+    kd.add_argument("--kd-alpha", type=float, help="weight of the distillation term (0 = plain cross-entropy)")
+    kd.add_argument("--kd-temperature", type=float, help="softmax temperature of the distillation term")
+    kd.add_argument("--kd-teacher-views", choices=KD_TEACHER_VIEWS,
+                    help="centre: the cached centre-view soft targets serve every view; all: the teacher also sees "
+                         "each augmented view (about 3x the teacher cost, not cached)")
+    kd.add_argument("--drop-audited", action="store_true",
+                    help="drop training images a confident teacher disagrees with (off unless validation says so)")
+    kd.add_argument("--soft-target-dir", type=Path, help="soft-target cache (default: $TORCH_HOME/soft_targets)")
+    kd.add_argument("--distill", choices=DISTILL_CHOICES, default="both", help="`compare`: students without/with KD")
+    kd.add_argument("--no-teacher-row", action="store_true", help="`compare`: leave out the teacher's row")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from training import compare, pipeline  # after argument parsing: `--help` stays fast
+    from training import compare, distill, pipeline  # after argument parsing: `--help` stays fast
 
     if args.weights_dir is not None and args.weights_dir.is_dir():
         seed_hub_cache(args.weights_dir)
     recipe = recipe_from_args(args.profile, arch=args.arch, epochs=args.epochs, views=args.views, stem_blocks=args.stem_blocks, seed=args.seed,
-                              max_per_class=args.max_per_class, pretrained=False if args.random_init else None)
+                              max_per_class=args.max_per_class, pretrained=False if args.random_init else None,
+                              kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature,
+                              kd_teacher_views=args.kd_teacher_views, drop_audited=True if args.drop_audited else None)
+    teacher_args = {"weights_dir": args.weights_dir, "soft_target_dir": args.soft_target_dir}
     try:
         if args.step == "train":
-            pipeline.train_step(args.data, args.run_dir, recipe, resume=args.resume)
+            pipeline.train_step(args.data, args.run_dir, recipe, resume=args.resume, **teacher_args)
         elif args.step == "export":
             pipeline.export_step(args.data, args.run_dir)
         elif args.step == "evaluate":
@@ -51,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.register_step(args.run_dir)
         elif args.step == "run":
             pipeline.run_all(args.data, args.run_dir, recipe, int8=args.int8, register=not args.no_register,
-                             resume=args.resume)
+                             resume=args.resume, register_if_val_above=args.register_if_val_above, **teacher_args)
+        elif args.step == "teacher":
+            distill.teacher_report(args.data, args.weights_dir, args.run_dir, args.soft_target_dir)
         else:
-            compare.compare(args.data, args.run_dir, args.archs, recipe)
+            compare.compare(args.data, args.run_dir, args.archs, recipe, args.distill, not args.no_teacher_row,
+                            **teacher_args)
     except (WeightsUnavailable, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

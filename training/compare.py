@@ -1,65 +1,119 @@
-"""Train and evaluate several backbones on the same split with the same recipe; write the table."""
+"""Train and evaluate several backbones on the same split with the same recipe, each without and with
+distillation from the Places365 teacher, plus the teacher's own zero-shot row; write the table.
+
+A student whose run folder already holds a row made by the same recipe on the same data is not retrained.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from training.backbones import WeightsUnavailable
+from training.data import dataset_fingerprint
 from training.pipeline import evaluate_step, export_step, load_trained, train_step
-from training.recipe import Recipe
+from training.recipe import DISTILL_CHOICES, Recipe  # noqa: F401 (re-exported for callers)
 
-COLUMNS = ("arch", "val_accuracy", "test_accuracy", "test_macro_f1", "test_f1_living_room", "params_m", "onnx_mb",
-           "ort_batch1_ms", "ort_batch16_ms", "train_minutes")
+COLUMNS = ("arch", "kd", "val_accuracy", "test_accuracy", "test_macro_f1", "test_f1_living_room",
+           "test_accuracy_house_rooms", "test_ece_after", "params_m", "onnx_mb", "ort_batch1_ms", "ort_batch16_ms",
+           "train_minutes")
 
 
-def compare_one(data: Path, run_dir: Path, recipe: Recipe) -> dict[str, Any]:
+
+def row_from_report(arch: str, kd: str, report: dict[str, Any], params_m: float, onnx_bytes: int,
+                    train_minutes: float | None) -> dict[str, Any]:
+    return {"arch": arch, "kd": kd, "val_accuracy": report["val"]["accuracy"],
+            "test_accuracy": report["test"]["accuracy"], "test_macro_f1": report["test"]["macro"]["f1"],
+            "test_f1_living_room": report["test"]["per_class"].get("living_room", {}).get("f1"),
+            "test_accuracy_house_rooms": report["test_by_source"].get("house_rooms", {}).get("accuracy"),
+            "test_ece_after": report["calibration"]["after"]["ece"], "params_m": params_m,
+            "onnx_mb": onnx_bytes / 1e6, "ort_batch1_ms": report["latency"]["batch1_ms"],
+            "ort_batch16_ms": report["latency"]["batch16_ms"], "train_minutes": train_minutes}
+
+
+def compare_one(data: Path, run_dir: Path, recipe: Recipe, weights_dir: Path | None = None,
+                soft_target_dir: Path | None = None) -> dict[str, Any]:
+    kd = f"alpha {recipe.kd_alpha}, T {recipe.kd_temperature}" if recipe.kd_alpha > 0 else "no"
+    saved = run_dir / "compare_row.json"
+    fingerprint = dataset_fingerprint(data)
+    if saved.is_file():
+        previous = json.loads(saved.read_text())
+        if previous["recipe"] == asdict(recipe) and previous["dataset_fingerprint"] == fingerprint:
+            print(f"{run_dir}: reusing the row of an earlier run with the same recipe and data")
+            return previous["row"]
     start = time.perf_counter()
-    train_step(data, run_dir, recipe)
+    train_step(data, run_dir, recipe, weights_dir=weights_dir, soft_target_dir=soft_target_dir)
     minutes = (time.perf_counter() - start) / 60
     export = export_step(data, run_dir)
     report = evaluate_step(data, run_dir)["report"]
     model, _ = load_trained(run_dir)
-    return {"arch": recipe.arch, "val_accuracy": report["val"]["accuracy"], "test_accuracy": report["test"]["accuracy"],
-            "test_macro_f1": report["test"]["macro"]["f1"],
-            "test_f1_living_room": report["test"]["per_class"].get("living_room", {}).get("f1"),
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "onnx_mb": export["bytes"] / 1e6,
-            "ort_batch1_ms": report["latency"]["batch1_ms"], "ort_batch16_ms": report["latency"]["batch16_ms"],
-            "train_minutes": minutes}
+    row = row_from_report(recipe.arch, kd, report, sum(p.numel() for p in model.parameters()) / 1e6, export["bytes"],
+                          minutes)
+    saved.write_text(json.dumps({"recipe": asdict(recipe), "dataset_fingerprint": fingerprint, "row": row}, indent=2))
+    return row
 
 
-def format_cell(column: str, value: float | None) -> str:
+def teacher_row(data: Path, out_dir: Path, weights_dir: Path | None, soft_target_dir: Path | None) -> dict[str, Any]:
+    from training.distill import teacher_report
+
+    report = teacher_report(data, weights_dir, out_dir, soft_target_dir)
+    minutes = sum(cost["seconds"] for cost in report["teacher_pass"].values()) / 60
+    row = row_from_report("places365_wideresnet18 (teacher)", "zero-shot", report, report["params_m"],
+                          report["onnx_bytes"], None)
+    row["teacher_pass_minutes"] = minutes
+    return row
+
+
+def format_cell(column: str, value: Any) -> str:
     if value is None:
         return "-"
-    return f"{value:.4f}" if "accuracy" in column or "f1" in column else f"{value:.2f}"
+    if isinstance(value, str):
+        return value
+    return f"{value:.4f}" if "accuracy" in column or "f1" in column or "ece" in column else f"{value:.2f}"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['arch']} | " + f"not run: {row['error']} |")
+            lines.append(f"| {row['arch']} | {row.get('kd', '-')} | " + f"not run: {row['error']} |")
             continue
-        cells = [row["arch"]] + [format_cell(column, row[column]) for column in COLUMNS[1:]]
+        cells = [format_cell(column, row.get(column)) for column in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def compare(data: Path, out_dir: Path, archs: list[str], recipe: Recipe) -> list[dict[str, Any]]:
-    """One row per architecture; an architecture whose weights are missing is reported, not fatal."""
+def distill_variants(recipe: Recipe, distill: str) -> list[Recipe]:
+    """The recipe without and/or with distillation (a recipe without a KD weight gets the default 0.5)."""
+    with_kd = recipe if recipe.kd_alpha > 0 else replace(recipe, kd_alpha=0.5)
+    without = replace(recipe, kd_alpha=0.0, drop_audited=False)
+    return {"off": [without], "on": [with_kd], "both": [without, with_kd]}[distill]
+
+
+def compare(data: Path, out_dir: Path, archs: list[str], recipe: Recipe, distill: str = "both", teacher: bool = True,
+            weights_dir: Path | None = None, soft_target_dir: Path | None = None) -> list[dict[str, Any]]:
+    """One row per architecture and distillation setting (missing weights are reported, not fatal), plus the teacher."""
     rows = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if teacher:
+        rows.append(teacher_row(data, out_dir / "teacher", weights_dir, soft_target_dir))
     for arch in archs:
-        try:
-            rows.append(compare_one(data, out_dir / arch, replace(recipe, arch=arch, stem_blocks=None)))
-        except WeightsUnavailable as error:
-            print(error)
-            rows.append({"arch": arch, "error": "ImageNet weights unavailable offline"})
-        (out_dir / "compare.json").write_text(json.dumps(rows, indent=2))
+        for variant in distill_variants(replace(recipe, arch=arch, stem_blocks=None), distill):
+            name = arch + ("-kd" if variant.kd_alpha > 0 else "")
+            try:
+                rows.append(compare_one(data, out_dir / name, variant, weights_dir, soft_target_dir))
+            except WeightsUnavailable as error:
+                print(error)
+                rows.append({"arch": arch, "kd": "yes" if variant.kd_alpha > 0 else "no",
+                             "error": "ImageNet weights unavailable offline"})
+            (out_dir / "compare.json").write_text(json.dumps(rows, indent=2))
+    (out_dir / "compare.json").write_text(json.dumps(rows, indent=2))
     table = format_table(rows)
     (out_dir / "compare.md").write_text("# Backbone comparison (same split, same recipe)\n\nChoose on the val "
-                                        "columns; the test columns only report.\n\n" + table + "\n")
+                                        "columns; the test columns only report. The teacher row is the Places365 "
+                                        "network's four room outputs with no training on our data.\n\n" + table + "\n")
     print(table)
     return rows

@@ -24,16 +24,22 @@ from training.evaluate import evaluate, headline, write_report
 from training.export import OPSET, export_onnx, max_logit_difference
 from training.latency import measure_latency_ms
 from training.quantize import quantize_int8
-from training.recipe import Recipe, train
+from training.recipe import Recipe, train, uses_teacher
 from training.register import save_to_model_store
 
 PARITY_TOLERANCE = 1e-3
 INT8_MAX_ACCURACY_DROP = 0.005
 
 
-def train_step(data: Path, run_dir: Path, recipe: Recipe, resume: bool = False) -> Path:
+def train_step(data: Path, run_dir: Path, recipe: Recipe, resume: bool = False, weights_dir: Path | None = None,
+               soft_target_dir: Path | None = None) -> Path:
     labels = discover_labels(data)
-    model, history = train(data, labels, recipe, run_dir, resume=resume)
+    model, history = train(data, labels, recipe, run_dir, resume=resume, weights_dir=weights_dir,
+                           soft_target_dir=soft_target_dir)
+    if uses_teacher(recipe):
+        from training.distill import label_audit, load_teacher_for
+        history["label_audit"] = label_audit(data, load_teacher_for(labels, weights_dir), run_dir / "report",
+                                             weights_dir, soft_target_dir)
     path = run_dir / "best.pt"
     torch.save({"state": model.state_dict(), "labels": labels, "recipe": asdict(recipe), "history": history,
                 "dataset_fingerprint": dataset_fingerprint(data)}, path)
@@ -92,6 +98,12 @@ def evaluate_step(data: Path, run_dir: Path, int8: bool = False) -> dict[str, An
     _, checkpoint = load_trained(run_dir)
     export = json.loads((run_dir / "export.json").read_text())
     extra = {"architecture": checkpoint["recipe"]["arch"], "dataset_fingerprint": checkpoint["dataset_fingerprint"]}
+    if checkpoint["recipe"].get("kd_alpha", 0) > 0:
+        extra["distillation"] = (f"Places365 teacher, alpha {checkpoint['recipe']['kd_alpha']}, "
+                                 f"T {checkpoint['recipe']['kd_temperature']}, teacher on {checkpoint['recipe']['kd_teacher_views']} view(s)")
+    audit = checkpoint["history"].get("label_audit")
+    if audit:
+        extra["label_audit"] = f"{audit['flagged']} photos flagged, see ../report/label_audit.md"
     fp32 = evaluate_model(run_dir / "model.onnx", data, checkpoint, run_dir / "report", {**extra, "precision": "fp32"})
     chosen = {"precision": "fp32", "path": str(run_dir / "model.onnx"), "report": fp32}
     if int8:
@@ -138,11 +150,16 @@ def register_step(run_dir: Path) -> str:
 
 
 def run_all(data: Path, run_dir: Path, recipe: Recipe, int8: bool = False, register: bool = True,
-            resume: bool = False) -> dict[str, Any]:
-    train_step(data, run_dir, recipe, resume=resume)
+            resume: bool = False, weights_dir: Path | None = None, soft_target_dir: Path | None = None,
+            register_if_val_above: float | None = None) -> dict[str, Any]:
+    train_step(data, run_dir, recipe, resume=resume, weights_dir=weights_dir, soft_target_dir=soft_target_dir)
     export_step(data, run_dir)
     chosen = evaluate_step(data, run_dir, int8=int8)
-    summary = {"precision": chosen["precision"], **headline(chosen["report"]), **chosen["report"]["latency"]}
+    summary = {"precision": chosen["precision"], "val_accuracy": chosen["report"]["val"]["accuracy"],
+                **headline(chosen["report"]), **chosen["report"]["latency"]}
+    if register and register_if_val_above is not None and summary["val_accuracy"] <= register_if_val_above:
+        print(f"not registered: val accuracy {summary['val_accuracy']:.4f} does not beat {register_if_val_above:.4f}")
+        register = False
     if register:
         summary["tag"] = register_step(run_dir)
     print(json.dumps(summary, indent=2))

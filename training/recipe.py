@@ -6,6 +6,10 @@
 3. Fine-tune: the tail (last blocks + classifier) trains on the cached views, a random view per image
    each epoch, AdamW with warm-up + cosine decay, BatchNorm frozen, class-weighted label-smoothed loss,
    early stopping on validation macro-F1, a checkpoint after every epoch (`--resume` continues).
+
+With `kd_alpha > 0` both stages learn from the Places365 teacher too (knowledge distillation, Hinton et al.
+2015): loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(label).
+The teacher's logits come from the on-disk soft-target cache (training/soft_targets.py), computed once.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -45,12 +50,20 @@ class Recipe:
     patience: int = 4
     seed: int = 1337
     max_per_class: int | None = None  # a subset for quick runs
+    kd_alpha: float = 0.0  # weight of the distillation term; 0 = no teacher, plain cross-entropy
+    kd_temperature: float = 2.0
+    kd_teacher_views: str = "centre"  # "centre": one teacher pass per image serves every view; "all": teacher per view
+    drop_audited: bool = False  # drop training images a confident teacher disagrees with (label audit)
     workers: int = 2
     pretrained: bool = True
     preprocessing: dict[str, Any] = field(default_factory=lambda: Preprocessing().to_dict())
 
     def stem_cut(self) -> int:
         return self.stem_blocks if self.stem_blocks is not None else BACKBONES[self.arch].default_stem_blocks
+
+
+KD_TEACHER_VIEWS = ("centre", "all")
+DISTILL_CHOICES = ("off", "on", "both")  # `compare`: students without and/or with the teacher
 
 
 PROFILES: dict[str, Recipe] = {
@@ -74,29 +87,42 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device).float().contiguous(memory_format=torch.channels_last)
 
 
+TeacherFn = Callable[[torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
 def cache_stem_outputs(stem: nn.Module, dataset: ImageDataset, recipe: Recipe, seed: int, desc: str,
-                       device: torch.device) -> torch.Tensor:
-    """Stem activations of every image in `dataset`, in order, as float16 on the CPU."""
+                       device: torch.device, teacher: TeacherFn | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stem activations of every image in `dataset`, in order, as float16 on the CPU; with `teacher`, also
+    its logits on exactly the same (augmented) inputs."""
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size, shuffle=False,
                                          num_workers=recipe.workers, generator=generator,
                                          persistent_workers=False)
-    outputs = [stem(to_device(images, device)).half().cpu().contiguous()
-               for images, _ in tqdm(loader, desc=desc, unit="batch")]
-    return torch.cat(outputs)
+    outputs, teacher_outputs = [], []
+    for images, _ in tqdm(loader, desc=desc, unit="batch"):
+        outputs.append(stem(to_device(images, device)).half().cpu().contiguous())
+        if teacher is not None:
+            teacher_outputs.append(teacher(images))
+    return torch.cat(outputs), (torch.cat(teacher_outputs) if teacher is not None else None)
 
 
 def cache_views(stem: nn.Module, samples: list[Sample], recipe: Recipe, config: Preprocessing,
-                device: torch.device, views: int, split: str) -> torch.Tensor:
-    """[views, N, C, H, W]: view 0 is the service's own preprocessing, the others are augmented."""
+                device: torch.device, views: int, split: str,
+                teacher: TeacherFn | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[views, N, C, H, W]: view 0 is the service's own preprocessing, the others are augmented. With
+    `teacher`, also [views - 1, N, classes]: the teacher's logits on the augmented views."""
     cached = [cache_stem_outputs(stem, ImageDataset(samples, config), recipe, recipe.seed,
-                                 f"{split} stem, centre view", device)]
+                                 f"{split} stem, centre view", device)[0]]
     augment = train_augmentation(config)
+    teacher_views = []
     for view in range(1, views):
-        cached.append(cache_stem_outputs(stem, ImageDataset(samples, config, augment), recipe,
-                                         recipe.seed + view, f"{split} stem, view {view + 1}/{views}", device))
-    return torch.stack(cached)
+        stem_out, teacher_out = cache_stem_outputs(
+            stem, ImageDataset(samples, config, augment), recipe, recipe.seed + view,
+            f"{split} stem{' + teacher' if teacher else ''}, view {view + 1}/{views}", device, teacher)
+        cached.append(stem_out)
+        teacher_views.append(teacher_out)
+    return torch.stack(cached), (torch.stack(teacher_views) if teacher is not None and teacher_views else None)
 
 
 @torch.no_grad()
@@ -105,6 +131,30 @@ def predict_tail(tail: nn.Module, features: torch.Tensor, batch_size: int, devic
     logits = [tail(to_device(features[i:i + batch_size], device)).cpu()
               for i in range(0, len(features), batch_size)]
     return torch.cat(logits).numpy()
+
+
+class DistillationLoss(nn.Module):
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(label).
+
+    The CE part is the recipe's own (class weights, label smoothing). T^2 keeps the soft term's gradients
+    on the scale of the hard term's whatever T is (Hinton et al.). At alpha = 0 it is exactly the CE.
+    """
+
+    def __init__(self, cross_entropy: nn.Module, alpha: float, temperature: float) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+            raise ValueError(f"need 0 <= kd_alpha <= 1 and kd_temperature > 0, got {alpha}, {temperature}")
+        self.cross_entropy, self.alpha, self.temperature = cross_entropy, alpha, temperature
+
+    def forward(self, student_logits: torch.Tensor, targets: torch.Tensor,
+                teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        hard = self.cross_entropy(student_logits, targets)
+        if self.alpha == 0.0 or teacher_logits is None:
+            return hard
+        t = self.temperature
+        soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                        reduction="batchmean", log_target=True) * t * t
+        return self.alpha * soft + (1.0 - self.alpha) * hard
 
 
 def epoch_batches(num_samples: int, views: int, batch_size: int, rng: np.random.Generator):
@@ -117,15 +167,21 @@ def epoch_batches(num_samples: int, views: int, batch_size: int, rng: np.random.
 
 
 def train_epoch(tail: nn.Module, train_cache: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss_fn: nn.Module, recipe: Recipe,
-                rng: np.random.Generator, device: torch.device, desc: str) -> float:
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss_fn: DistillationLoss, recipe: Recipe,
+                rng: np.random.Generator, device: torch.device, desc: str,
+                teacher_logits: torch.Tensor | None = None) -> float:
+    """One pass over the cached views. `teacher_logits` is [1 or views, N, classes]: one teacher view
+    (the centre) serves every student view, or one per cached view."""
     tail.train()
     freeze_batchnorm(tail)
     total, count = 0.0, 0
     batches = list(epoch_batches(train_cache.shape[1], train_cache.shape[0], recipe.batch_size, rng))
     for views, index in tqdm(batches, desc=desc, unit="batch", leave=False):
         inputs = to_device(train_cache[views, index], device)
-        loss = loss_fn(tail(inputs), targets[index].to(device))
+        teacher = None
+        if teacher_logits is not None:
+            teacher = teacher_logits[views if teacher_logits.shape[0] > 1 else 0, index].to(device).float()
+        loss = loss_fn(tail(inputs), targets[index].to(device), teacher)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -150,33 +206,101 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
         parameter.requires_grad_(trainable)
 
 
-def train(data_root: Path, labels: list[str], recipe: Recipe, out_dir: Path, resume: bool = False) -> tuple[StemTail, dict]:
-    """Fine-tune `recipe.arch` on `data_root`; return the best model (eval mode) and the training history."""
-    started = time.perf_counter()
-    seed_everything(recipe.seed)
-    device = pick_device()
-    config = Preprocessing.from_dict(recipe.preprocessing)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out_dir / "checkpoint.pt"
+@dataclass
+class Prepared:
+    """Everything the two training stages read: cached stem outputs, targets and teacher logits."""
+    labels: list[str]
+    train_samples: list[Sample]
+    val_samples: list[Sample]
+    train_cache: torch.Tensor  # [views, N, C, H, W] float16
+    val_cache: torch.Tensor  # [N, C, H, W] float16
+    teacher_logits: torch.Tensor | None  # [1 or views, N, classes]: the teacher's room logits
+    teacher_cost: dict[str, Any] | None = None
+    dropped: int = 0
 
-    model = StemTail(build_backbone(recipe.arch, len(labels), recipe.pretrained), recipe.stem_cut())
+
+def build_model(recipe: Recipe, num_classes: int, device: torch.device) -> StemTail:
+    model = StemTail(build_backbone(recipe.arch, num_classes, recipe.pretrained), recipe.stem_cut())
     model = model.to(device, memory_format=torch.channels_last)
     model.eval()
     set_trainable(model.stem, False)
+    return model
 
+
+def uses_teacher(recipe: Recipe) -> bool:
+    return recipe.kd_alpha > 0 or recipe.drop_audited
+
+
+def prepare(model: StemTail, data_root: Path, labels: list[str], recipe: Recipe, device: torch.device,
+            weights_dir: Path | None = None, soft_target_dir: Path | None = None) -> Prepared:
+    """Cache the stem's outputs (and, when the recipe distils, fetch the teacher's logits from the soft-target cache)."""
+    from training.distill import audit_flags, centre_room_logits, load_teacher_for, teacher_room_fn
+
+    if recipe.kd_teacher_views not in KD_TEACHER_VIEWS:
+        raise ValueError(f"kd_teacher_views must be one of {KD_TEACHER_VIEWS}, got {recipe.kd_teacher_views!r}")
+    config = Preprocessing.from_dict(recipe.preprocessing)
     train_samples = list_samples(data_root, "train", labels, recipe.max_per_class)
     val_samples = list_samples(data_root, "val", labels, recipe.max_per_class)
     if not train_samples or not val_samples:
         raise ValueError(f"{data_root} has {len(train_samples)} train and {len(val_samples)} val images; need both")
+    teacher, centre, cost, dropped = None, None, None, 0
+    if uses_teacher(recipe):
+        teacher = load_teacher_for(labels, weights_dir)
+        centre, cost = centre_room_logits(teacher, data_root, train_samples, soft_target_dir)
+        if recipe.drop_audited:
+            keep = ~audit_flags(centre.numpy(), np.array([s.label for s in train_samples]))
+            dropped = int((~keep).sum())
+            train_samples = [s for s, k in zip(train_samples, keep) if k]
+            centre = centre[torch.from_numpy(keep)]
+            print(f"dropped {dropped} training images a confident teacher disagrees with (label audit)")
     print(f"{recipe.arch}: {len(train_samples)} train / {len(val_samples)} val images, stem = features[:{recipe.stem_cut()}], "
-          f"{recipe.views} cached views, device {device}")
-    train_cache = cache_views(model.stem, train_samples, recipe, config, device, recipe.views, "train")
-    val_cache = cache_views(model.stem, val_samples, recipe, config, device, 1, "val")[0]
-    train_targets = torch.tensor([s.label for s in train_samples])
-    val_targets = np.array([s.label for s in val_samples])
+          f"{recipe.views} cached views, device {device}"
+          + (f", distillation alpha {recipe.kd_alpha} T {recipe.kd_temperature} teacher on {recipe.kd_teacher_views} view(s)"
+             if recipe.kd_alpha > 0 else ""))
+    per_view_teacher = teacher_room_fn(teacher, device) if recipe.kd_alpha > 0 and recipe.kd_teacher_views == "all" else None
+    train_cache, augmented = cache_views(model.stem, train_samples, recipe, config, device, recipe.views, "train",
+                                         per_view_teacher)
+    val_cache = cache_views(model.stem, val_samples, recipe, config, device, 1, "val")[0][0]
+    teacher_logits = None
+    if recipe.kd_alpha > 0:
+        teacher_logits = centre.unsqueeze(0)
+        if augmented is not None:
+            teacher_logits = torch.cat([teacher_logits, augmented.float()])
+    return Prepared(labels, train_samples, val_samples, train_cache, val_cache, teacher_logits, cost, dropped)
 
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(train_samples, len(labels)).to(device),
-                                  label_smoothing=recipe.label_smoothing)
+
+def train(data_root: Path, labels: list[str], recipe: Recipe, out_dir: Path, resume: bool = False,
+          weights_dir: Path | None = None, soft_target_dir: Path | None = None) -> tuple[StemTail, dict]:
+    """Fine-tune `recipe.arch` on `data_root`; return the best model (eval mode) and the training history."""
+    started = time.perf_counter()
+    seed_everything(recipe.seed)
+    device = pick_device()
+    model = build_model(recipe, len(labels), device)
+    prepared = prepare(model, data_root, labels, recipe, device, weights_dir, soft_target_dir)
+    model, history = fit(model, prepared, recipe, out_dir, device, resume)
+    history["train_minutes"] = (time.perf_counter() - started) / 60
+    history["teacher_pass"] = prepared.teacher_cost
+    history["dropped_by_audit"] = prepared.dropped
+    (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+    return model, history
+
+
+def fit(model: StemTail, prepared: Prepared, recipe: Recipe, out_dir: Path, device: torch.device,
+        resume: bool = False, quiet: bool = False, checkpoints: bool = True) -> tuple[StemTail, dict]:
+    """Head warm-up, then fine-tune of the tail, on the prepared caches; the best tail by val macro-F1.
+    `checkpoints=False` (sweeps) skips the per-epoch checkpoint file that `--resume` needs."""
+    labels = prepared.labels
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    train_cache, val_cache, teacher_logits = prepared.train_cache, prepared.val_cache, prepared.teacher_logits
+    train_targets = torch.tensor([s.label for s in prepared.train_samples])
+    val_targets = np.array([s.label for s in prepared.val_samples])
+    train_samples = prepared.train_samples
+    log = (lambda *a: None) if quiet else print
+
+    cross_entropy = nn.CrossEntropyLoss(weight=class_weights(train_samples, len(labels)).to(device),
+                                        label_smoothing=recipe.label_smoothing)
+    loss_fn = DistillationLoss(cross_entropy, recipe.kd_alpha, recipe.kd_temperature)
     rng = np.random.default_rng(recipe.seed)
     history: dict[str, Any] = {"recipe": asdict(recipe), "epochs": []}
     steps_per_epoch = math.ceil(len(train_samples) / recipe.batch_size)
@@ -197,10 +321,10 @@ def train(data_root: Path, labels: list[str], recipe: Recipe, out_dir: Path, res
         optimizer = torch.optim.AdamW(head.parameters(), lr=recipe.lr_head, weight_decay=recipe.weight_decay)
         for epoch in range(recipe.warmup_epochs):
             loss = train_epoch(model.tail, train_cache, train_targets, optimizer, None, loss_fn, recipe, rng, device,
-                               f"warm-up {epoch + 1}/{recipe.warmup_epochs}")
+                               f"warm-up {epoch + 1}/{recipe.warmup_epochs}", teacher_logits)
             f1 = validate()
             history["epochs"].append({"stage": "warmup", "epoch": epoch + 1, "train_loss": loss, "val_macro_f1": f1})
-            print(f"warm-up {epoch + 1}: loss {loss:.4f}  val macro-F1 {f1:.4f}")
+            log(f"warm-up {epoch + 1}: loss {loss:.4f}  val macro-F1 {f1:.4f}")
 
     # Stage 2: fine-tune the whole tail.
     set_trainable(model.tail, True)
@@ -216,30 +340,29 @@ def train(data_root: Path, labels: list[str], recipe: Recipe, out_dir: Path, res
         scheduler.load_state_dict(state["scheduler"])
         best_f1, best_tail, start_epoch, stale = state["best_f1"], state["best_tail"], state["epoch"], state["stale"]
         history, rng = state["history"], state["rng"]
-        print(f"resumed from {checkpoint_path} after epoch {start_epoch}")
+        log(f"resumed from {checkpoint_path} after epoch {start_epoch}")
 
     for epoch in range(start_epoch, recipe.epochs):
         loss = train_epoch(model.tail, train_cache, train_targets, optimizer, scheduler, loss_fn, recipe, rng, device,
-                           f"fine-tune {epoch + 1}/{recipe.epochs}")
+                           f"fine-tune {epoch + 1}/{recipe.epochs}", teacher_logits)
         f1 = validate()
         history["epochs"].append({"stage": "finetune", "epoch": epoch + 1, "train_loss": loss, "val_macro_f1": f1})
-        print(f"fine-tune {epoch + 1}: loss {loss:.4f}  val macro-F1 {f1:.4f}")
+        log(f"fine-tune {epoch + 1}: loss {loss:.4f}  val macro-F1 {f1:.4f}")
         if f1 > best_f1:
             best_f1, best_tail, stale = f1, copy.deepcopy(model.tail.state_dict()), 0
         else:
             stale += 1
-        torch.save({"recipe": asdict(recipe), "tail": model.tail.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "best_f1": best_f1, "best_tail": best_tail,
-                    "epoch": epoch + 1, "stale": stale, "history": history, "rng": rng}, checkpoint_path)
+        if checkpoints:
+            torch.save({"recipe": asdict(recipe), "tail": model.tail.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "best_f1": best_f1, "best_tail": best_tail,
+                        "epoch": epoch + 1, "stale": stale, "history": history, "rng": rng}, checkpoint_path)
         if stale >= recipe.patience:
-            print(f"early stop: no val macro-F1 gain for {stale} epochs")
+            log(f"early stop: no val macro-F1 gain for {stale} epochs")
             break
 
     model.tail.load_state_dict(best_tail)
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     history["best_val_macro_f1"] = best_f1
-    history["train_minutes"] = (time.perf_counter() - started) / 60
-    (out_dir / "history.json").write_text(json.dumps(history, indent=2))
     return model, history
 
 
