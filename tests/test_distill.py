@@ -61,9 +61,9 @@ def split_tree(root: Path, per_split: dict[str, int]) -> Path:
 def test_teacher_loads_strictly_and_knows_rooms_zero_shot(teacher) -> None:
     """CSAIL's file maps onto torchvision's ResNet-18 without the stem max-pool; its four room outputs
     name the room of real listing photos with no training on our data."""
+    from training.data import load_rgb
     from training.soft_targets import run_teacher
     from training.teacher import teacher_preprocess
-    from training.data import load_rgb
 
     assert isinstance(teacher.network.maxpool, nn.Identity)
     assert teacher.room_indices.tolist() == [45, 52, 203, 215]

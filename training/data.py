@@ -16,7 +16,6 @@ from inference.decode import decode_image
 from inference.preprocess import Preprocessing, preprocess
 
 
-
 @dataclass(frozen=True)
 class Sample:
     path: Path

@@ -20,8 +20,16 @@ from inference.postprocess import softmax  # noqa: E402
 from training.data import Sample, dataset_fingerprint, discover_labels, list_samples, load_rgb  # noqa: E402
 from training.evaluate import accuracy_by_source  # noqa: E402
 from training.metrics import calibration_bins, classification_report, fit_temperature  # noqa: E402
-from training.soft_targets import (SoftTargetCache, bf16_is_fast, default_cache_dir, file_digest,  # noqa: E402
-                                   room_logits, run_teacher, teacher_key, teacher_scene_logits)
+from training.soft_targets import (  # noqa: E402
+    SoftTargetCache,
+    bf16_is_fast,
+    default_cache_dir,
+    file_digest,
+    room_logits,
+    run_teacher,
+    teacher_key,
+    teacher_scene_logits,
+)
 from training.teacher import Places365Teacher, load_teacher, scene_names  # noqa: E402
 
 SPLITS = ("train", "val", "test")

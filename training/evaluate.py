@@ -21,8 +21,7 @@ from tqdm import tqdm  # noqa: E402
 
 from inference.preprocess import Preprocessing, bytes_to_input  # noqa: E402
 from training.data import Sample  # noqa: E402
-from training.metrics import (calibration_bins, classification_report, fit_temperature,  # noqa: E402
-                              negative_log_likelihood, softmax)
+from training.metrics import calibration_bins, classification_report, fit_temperature, negative_log_likelihood, softmax  # noqa: E402
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 

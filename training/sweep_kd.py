@@ -19,14 +19,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inference.preprocess import Preprocessing
 from training.backbones import seed_hub_cache
 from training.data import discover_labels, list_samples
 from training.distill import audit_flags
 from training.evaluate import accuracy_by_source
 from training.metrics import classification_report
-from training.recipe import (PROFILES, Prepared, build_model, cache_views, fit, pick_device, predict_tail, prepare,
-                             seed_everything)
-from inference.preprocess import Preprocessing
+from training.recipe import (
+    PROFILES,
+    Prepared,
+    build_model,
+    cache_views,
+    fit,
+    pick_device,
+    predict_tail,
+    prepare,
+    seed_everything,
+)
 
 GRID = [(0.0, 2.0), (0.5, 2.0), (0.5, 4.0), (0.8, 2.0), (0.8, 4.0), (0.3, 2.0)]
 
