@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 from torchvision import models
 
-from inference.preprocess import Preprocessing, normalize, trim_long_side
+from inference.preprocess import Preprocessing, normalize_pixels, trim_long_side
 from training.backbones import WeightsUnavailable, hub_checkpoint_dir
 
 CHECKPOINT_NAME = "wideresnet18_places365.pth.tar"
@@ -118,4 +118,4 @@ def teacher_preprocess(image: Image.Image, config: Preprocessing = TEACHER_PREPR
     image = trim_long_side(image).convert("RGB").resize((config.resize_size, config.resize_size), Image.BILINEAR)
     offset = (config.resize_size - config.image_size) // 2
     image = image.crop((offset, offset, offset + config.image_size, offset + config.image_size))
-    return normalize(image, config)
+    return normalize_pixels(np.asarray(image, dtype=np.uint8)[None], config)[0]
