@@ -180,7 +180,8 @@ def classified_batches(blocks: list, bundle_ref: Any, settings: LoadSettings, th
     dataset = dataset.map_batches(
         Classify, fn_constructor_args=(bundle_ref, options.ort_threads, threshold),
         compute=ray.data.ActorPoolStrategy(size=resources.actors), batch_size=options.batch_size,
-        batch_format="numpy", num_cpus=options.actor_cpus)
+        batch_format="numpy", num_cpus=options.actor_cpus,
+        scheduling_strategy="SPREAD")  # one model per node before two on one: every node's cores get used
     return dataset.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
