@@ -197,7 +197,8 @@ def test_kd_loss_matches_a_hand_computation() -> None:
     actual = loss(torch.tensor(student), torch.tensor(targets), torch.tensor(teacher))
     assert float(actual) == pytest.approx(expected, rel=1e-9)
     # A student that copies the teacher pays no distillation term, only the label's.
-    copy = DistillationLoss(nn.CrossEntropyLoss(), 1.0, t)(torch.tensor(teacher), torch.tensor(targets), torch.tensor(teacher))
+    copy = DistillationLoss(nn.CrossEntropyLoss(), 1.0, t)(torch.tensor(teacher), torch.tensor(targets),
+                                                            torch.tensor(teacher))
     assert float(copy) == pytest.approx(0.0, abs=1e-12)
 
 
@@ -237,7 +238,8 @@ def test_compare_has_the_teacher_row_a_distilled_student_and_the_audit(tmp_path:
     teacher_row, student_row = rows
     table = (tmp_path / "compare" / "compare.md").read_text()
     teacher_line = next(line for line in table.splitlines() if "(teacher)" in line)
-    assert f"{teacher_row['test_accuracy']:.4f}" in teacher_line and f"{teacher_row['test_ece_after']:.4f}" in teacher_line
+    assert f"{teacher_row['test_accuracy']:.4f}" in teacher_line
+    assert f"{teacher_row['test_ece_after']:.4f}" in teacher_line
     assert 0.5 <= teacher_row["test_accuracy"] <= 1.0 and teacher_row["ort_batch1_ms"] > 0
     assert teacher_row["params_m"] == pytest.approx(11.36, abs=0.01)  # ResNet-18 with a 365-way head
     assert student_row["arch"] == "mobilenet_v3_small" and 0.0 <= student_row["test_accuracy"] <= 1.0

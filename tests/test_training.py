@@ -60,7 +60,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     listing = run(["-m", "bentoml", "models", "list", "-o", "json"], env)
     assert listing.returncode == 0, listing.stderr
-    return {"root": root, "env": env, "dataset": root / "dataset", "run": root / "run", "models": json.loads(listing.stdout)}
+    return {"root": root, "env": env, "dataset": root / "dataset", "run": root / "run",
+            "models": json.loads(listing.stdout)}
 
 
 def model_store_entry(trained: dict) -> tuple[Path, dict]:
@@ -110,7 +111,8 @@ def test_onnx_matches_torch_on_real_images(trained: dict) -> None:
 
     model, checkpoint = load_trained(trained["run"])
     samples = list_samples(trained["dataset"], "test", list(CLASSES))[:8]
-    batch = preprocess_batch([load_rgb(s.path) for s in samples], Preprocessing.from_dict(checkpoint["recipe"]["preprocessing"]))
+    batch = preprocess_batch([load_rgb(s.path) for s in samples],
+                             Preprocessing.from_dict(checkpoint["recipe"]["preprocessing"]))
     with torch.no_grad():
         expected = model(torch.from_numpy(batch)).numpy()
     path, _ = model_store_entry(trained)

@@ -26,11 +26,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-per-class", type=int)
     parser.add_argument("--weights-dir", type=Path, help="folder of torchvision *.pth files to seed the hub cache with")
     parser.add_argument("--random-init", action="store_true", help="train from random weights (explicitly no ImageNet)")
-    parser.add_argument("--int8", action="store_true", help="also quantize to INT8 and serve it if faster and as accurate")
+    parser.add_argument("--int8", action="store_true",
+                        help="also quantize to INT8 and serve it if faster and as accurate")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     parser.add_argument("--no-register", action="store_true", help="`run` without saving into the model store")
     parser.add_argument("--register-if-val-above", type=float,
-                        help="`run`: register only if the served model's val accuracy beats this (e.g. today's model's)")
+                        help="`run`: register only if the served model's val accuracy beats this "
+                             "(e.g. today's model's)")
     kd = parser.add_argument_group("distillation from the Places365 teacher (needs places365/ in --weights-dir "
                                    "or a network)")
     kd.add_argument("--kd-alpha", type=float, help="weight of the distillation term (0 = plain cross-entropy)")
@@ -52,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.weights_dir is not None and args.weights_dir.is_dir():
         seed_hub_cache(args.weights_dir)
-    recipe = recipe_from_args(args.profile, arch=args.arch, epochs=args.epochs, views=args.views, stem_blocks=args.stem_blocks, seed=args.seed,
-                              max_per_class=args.max_per_class, pretrained=False if args.random_init else None,
+    recipe = recipe_from_args(args.profile, arch=args.arch, epochs=args.epochs, views=args.views,
+                              stem_blocks=args.stem_blocks, seed=args.seed, max_per_class=args.max_per_class,
+                              pretrained=False if args.random_init else None,
                               kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature,
                               kd_teacher_views=args.kd_teacher_views, drop_audited=True if args.drop_audited else None)
     teacher_args = {"weights_dir": args.weights_dir, "soft_target_dir": args.soft_target_dir}

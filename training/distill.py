@@ -44,8 +44,8 @@ def load_teacher_for(labels: list[str], weights_dir: Path | None) -> Places365Te
 def centre_room_logits(teacher: Places365Teacher, data_root: Path, samples: list[Sample],
                        cache_dir: Path | None) -> tuple[torch.Tensor, dict[str, Any]]:
     """[N, classes] room logits of `samples` from the soft-target cache (computed there once)."""
-    scenes, cost = teacher_scene_logits(teacher, samples, cache_dir or default_cache_dir(), dataset_fingerprint(data_root),
-                                        desc="teacher soft targets, train")
+    scenes, cost = teacher_scene_logits(teacher, samples, cache_dir or default_cache_dir(),
+                                        dataset_fingerprint(data_root), desc="teacher soft targets, train")
     return torch.from_numpy(room_logits(scenes, teacher)).float(), cost
 
 
@@ -123,14 +123,18 @@ def label_audit(data: Path, teacher: Places365Teacher, out_dir: Path, weights_di
     plot_audit_grid(data, rows[:AUDIT_GRID_MAX], out_dir / "label_audit.png")
     summary = {"threshold": AUDIT_CONFIDENCE, "checked": checked, "flagged": len(rows),
                "flagged_by_split": {s: sum(r["split"] == s for r in rows) for s in splits},
-               "flagged_by_source": {src: sum(r["source"] == src for r in rows) for src in sorted({r["source"] for r in rows})},
+               "flagged_by_source": {src: sum(r["source"] == src for r in rows)
+                                     for src in sorted({r["source"] for r in rows})},
                "csv": "label_audit.csv", "grid": "label_audit.png"}
     (out_dir / "label_audit.json").write_text(json.dumps(summary, indent=2))
     lines = ["# Label audit: photos a confident teacher labels otherwise", "",
-             f"The Places365 teacher gives another of our classes a probability >= {AUDIT_CONFIDENCE} (softmax over the four "
-             "room outputs). Listed for people to review; nothing is dropped or relabelled automatically.", "",
-             f"Checked: {checked}; flagged: {len(rows)} ({summary['flagged_by_split']}, by source {summary['flagged_by_source']}).",
-             "", f"All rows: [label_audit.csv](label_audit.csv). The {min(len(rows), AUDIT_GRID_MAX)} most confident:", "",
+             f"The Places365 teacher gives another of our classes a probability >= {AUDIT_CONFIDENCE} "
+             "(softmax over the four room outputs). Listed for people to review; nothing is dropped or relabelled "
+             "automatically.", "",
+             f"Checked: {checked}; flagged: {len(rows)} ({summary['flagged_by_split']}, "
+             f"by source {summary['flagged_by_source']}).", "",
+             f"All rows: [label_audit.csv](label_audit.csv). "
+             f"The {min(len(rows), AUDIT_GRID_MAX)} most confident:", "",
              "![label audit](label_audit.png)", ""]
     (out_dir / "label_audit.md").write_text("\n".join(lines))
     print(f"label audit: {len(rows)} flagged of {sum(checked.values())} checked -> {out_dir / 'label_audit.csv'}")

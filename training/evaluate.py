@@ -46,7 +46,8 @@ def accuracy_by_source(samples: list[Sample], targets: np.ndarray, predictions: 
     groups: dict[str, list[bool]] = defaultdict(list)
     for sample, target, prediction in zip(samples, targets, predictions):
         groups[sample.source].append(bool(target == prediction))
-    return {source: {"accuracy": float(np.mean(hits)), "num_images": len(hits)} for source, hits in sorted(groups.items())}
+    return {source: {"accuracy": float(np.mean(hits)), "num_images": len(hits)}
+            for source, hits in sorted(groups.items())}
 
 
 def evaluate(logits_fn: LogitsFn, val: list[Sample], test: list[Sample], labels: list[str],

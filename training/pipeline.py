@@ -99,8 +99,9 @@ def evaluate_step(data: Path, run_dir: Path, int8: bool = False) -> dict[str, An
     export = json.loads((run_dir / "export.json").read_text())
     extra = {"architecture": checkpoint["recipe"]["arch"], "dataset_fingerprint": checkpoint["dataset_fingerprint"]}
     if checkpoint["recipe"].get("kd_alpha", 0) > 0:
-        extra["distillation"] = (f"Places365 teacher, alpha {checkpoint['recipe']['kd_alpha']}, "
-                                 f"T {checkpoint['recipe']['kd_temperature']}, teacher on {checkpoint['recipe']['kd_teacher_views']} view(s)")
+        kd = checkpoint["recipe"]
+        extra["distillation"] = (f"Places365 teacher, alpha {kd['kd_alpha']}, T {kd['kd_temperature']}, "
+                                 f"teacher on {kd['kd_teacher_views']} view(s)")
     audit = checkpoint["history"].get("label_audit")
     if audit:
         extra["label_audit"] = f"{audit['flagged']} photos flagged, see ../report/label_audit.md"
@@ -115,7 +116,8 @@ def evaluate_step(data: Path, run_dir: Path, int8: bool = False) -> dict[str, An
         # Decided on validation accuracy: the test split only reports what was chosen.
         close = fp32["val"]["accuracy"] - quantized["val"]["accuracy"] <= INT8_MAX_ACCURACY_DROP
         comparison = {"fp32": {"val_accuracy": fp32["val"]["accuracy"], **headline(fp32), **fp32["latency"]},
-                      "int8": {"val_accuracy": quantized["val"]["accuracy"], **headline(quantized), **quantized["latency"]},
+                      "int8": {"val_accuracy": quantized["val"]["accuracy"], **headline(quantized),
+                               **quantized["latency"]},
                       "int8_is_faster": faster, "int8_within_0.5_points": close}
         (run_dir / "int8_vs_fp32.json").write_text(json.dumps(comparison, indent=2))
         print(json.dumps(comparison, indent=2))

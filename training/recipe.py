@@ -92,7 +92,8 @@ TeacherFn = Callable[[torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def cache_stem_outputs(stem: nn.Module, dataset: ImageDataset, recipe: Recipe, seed: int, desc: str,
-                       device: torch.device, teacher: TeacherFn | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       device: torch.device, teacher: TeacherFn | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stem activations of every image in `dataset`, in order, as float16 on the CPU; with `teacher`, also
     its logits on exactly the same (augmented) inputs."""
     generator = torch.Generator().manual_seed(seed)
@@ -233,7 +234,7 @@ def uses_teacher(recipe: Recipe) -> bool:
 
 def prepare(model: StemTail, data_root: Path, labels: list[str], recipe: Recipe, device: torch.device,
             weights_dir: Path | None = None, soft_target_dir: Path | None = None) -> Prepared:
-    """Cache the stem's outputs (and, when the recipe distils, fetch the teacher's logits from the soft-target cache)."""
+    """Cache the stem's outputs (and, when the recipe distils, the teacher's logits from the soft-target cache)."""
     from training.distill import audit_flags, centre_room_logits, load_teacher_for, teacher_room_fn
 
     if recipe.kd_teacher_views not in KD_TEACHER_VIEWS:
@@ -253,11 +254,12 @@ def prepare(model: StemTail, data_root: Path, labels: list[str], recipe: Recipe,
             train_samples = [s for s, k in zip(train_samples, keep) if k]
             centre = centre[torch.from_numpy(keep)]
             print(f"dropped {dropped} training images a confident teacher disagrees with (label audit)")
-    print(f"{recipe.arch}: {len(train_samples)} train / {len(val_samples)} val images, stem = features[:{recipe.stem_cut()}], "
-          f"{recipe.views} cached views, device {device}"
-          + (f", distillation alpha {recipe.kd_alpha} T {recipe.kd_temperature} teacher on {recipe.kd_teacher_views} view(s)"
-             if recipe.kd_alpha > 0 else ""))
-    per_view_teacher = teacher_room_fn(teacher, device) if recipe.kd_alpha > 0 and recipe.kd_teacher_views == "all" else None
+    distilling = recipe.kd_alpha > 0
+    print(f"{recipe.arch}: {len(train_samples)} train / {len(val_samples)} val images, "
+          f"stem = features[:{recipe.stem_cut()}], {recipe.views} cached views, device {device}"
+          + (f", distillation alpha {recipe.kd_alpha} T {recipe.kd_temperature} "
+             f"teacher on {recipe.kd_teacher_views} view(s)" if distilling else ""))
+    per_view_teacher = teacher_room_fn(teacher, device) if distilling and recipe.kd_teacher_views == "all" else None
     train_cache, augmented = cache_views(model.stem, train_samples, recipe, config, device, recipe.views, "train",
                                          per_view_teacher)
     val_cache = cache_views(model.stem, val_samples, recipe, config, device, 1, "val")[0][0]

@@ -131,7 +131,8 @@ def main() -> None:
              "| setting | val acc | val macro-F1 | val F1 living room | " + " | ".join(f"val acc {s}" for s in sources)
              + " | fit min |", "|---" * (5 + len(sources)) + "|"]
     for r in results:
-        lines.append(f"| {r['setting']} | {r['val_accuracy']:.4f} | {r['val_macro_f1']:.4f} | {r['val_f1_living_room']:.4f} | "
+        lines.append(f"| {r['setting']} | {r['val_accuracy']:.4f} | {r['val_macro_f1']:.4f} | "
+                     f"{r['val_f1_living_room']:.4f} | "
                      + " | ".join(f"{r['val_accuracy_by_source'].get(s, float('nan')):.4f}" for s in sources)
                      + f" | {r['fit_minutes']:.1f} |")
     (args.out / "sweep.md").write_text("\n".join(lines) + "\n")

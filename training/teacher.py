@@ -55,7 +55,8 @@ def load_checkpoint(weights_dir: Path | None = None) -> dict:
         searched = f"{Path(weights_dir) / 'places365'} or " if weights_dir is not None else ""
         raise TeacherUnavailable(
             f"the Places365 teacher checkpoint {CHECKPOINT_NAME} is not available ({type(error).__name__}: {error}). "
-            f"Put it into {searched}{hub_checkpoint_dir()} (pass --weights-dir DIR holding places365/{CHECKPOINT_NAME})."
+            f"Put it into {searched}{hub_checkpoint_dir()} "
+            f"(pass --weights-dir DIR holding places365/{CHECKPOINT_NAME})."
         ) from None
 
 
