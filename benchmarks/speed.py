@@ -60,9 +60,9 @@ STAGE_METRIC = re.compile(r'^rc_stage_seconds_(sum|count)\{([^}]*)\}\s+([0-9.eE+
 # The bare limit: inference/ in a plain loop, no HTTP, no second process
 
 
-def bare_worker(model_path: str, files: Sequence[str], seconds: float, ort_threads: int) -> tuple[int, float]:
+def bare_worker(model_tag: str, files: Sequence[str], seconds: float, ort_threads: int) -> tuple[int, float]:
     """Classify `files` round and round for `seconds`; return (images, elapsed). Runs in its own process."""
-    classifier, run_one = bare_pipeline(model_path, ort_threads)
+    run_one = bare_pipeline(model_tag, ort_threads)
     blobs = [Path(f).read_bytes() for f in files]
     run_one(blobs[0])  # warm
     count, start = 0, time.perf_counter()
@@ -72,26 +72,25 @@ def bare_worker(model_path: str, files: Sequence[str], seconds: float, ort_threa
     return count, time.perf_counter() - start
 
 
-def bare_pipeline(model_dir: str, ort_threads: int):
-    """The service's per-image steps, in-process: bytes -> input -> logits -> prediction."""
+def bare_pipeline(model_tag: str, ort_threads: int):
+    """The service's per-image steps, in-process: bytes -> pixels -> logits -> prediction."""
     import bentoml
 
     from inference.config import ServiceConfig
     from inference.model import OnnxClassifier
     from inference.postprocess import postprocess
-    from inference.preprocess import bytes_to_input
+    from inference.preprocess import bytes_to_pixels
 
     config = ServiceConfig.from_env({})
-    model = bentoml.models.get(model_dir)
-    classifier = OnnxClassifier.from_bento_model(model, intra_op_threads=ort_threads)
+    classifier = OnnxClassifier.from_bento_model(bentoml.models.get(model_tag), intra_op_threads=ort_threads)
     info = classifier.info
 
     def run_one(blob: bytes):
-        batch = bytes_to_input(blob, info.preprocessing, jpeg_draft=config.jpeg_draft)[None]
-        return postprocess(classifier.logits(batch), info.labels, info.temperature, config.default_top_k,
-                           config.uncertain_threshold)
+        pixels = bytes_to_pixels(blob, info.preprocessing, config.image_limits(), jpeg_draft=config.jpeg_draft)
+        return postprocess(classifier.logits_for_pixels(pixels[None]), info.labels, info.temperature,
+                           config.default_top_k, config.uncertain_threshold)
 
-    return classifier, run_one
+    return run_one
 
 
 def bare_throughput(model_tag: str, files: Sequence[Path], processes: int, seconds: float) -> float:
