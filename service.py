@@ -79,7 +79,8 @@ class ErrorDetail(BaseModel):
 
 
 class Classification(BaseModel):
-    """One image's answer."""
+    """One image's answer: the API's JSON shape. The top class is `class` on the wire; `label` in Python,
+    where `class` is a keyword."""
 
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
@@ -375,4 +376,6 @@ def read_upload(path: Path, max_bytes: int) -> bytes:
 
 
 def to_classification(prediction: Prediction, info: ModelInfo) -> Classification:
-    return Classification.model_validate({**prediction.to_dict(), "model": info.tag})
+    return Classification(label=prediction.label, confidence=prediction.confidence,
+                          probabilities=prediction.probabilities, top_k=prediction.top_k,
+                          uncertain=prediction.uncertain, model=info.tag)

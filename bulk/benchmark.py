@@ -79,11 +79,12 @@ def default_model_home() -> str | None:
 _WORKER: dict[str, Any] = {}
 
 
-def init_loop_worker(bundle: Any, settings: Any) -> None:
+def init_loop_worker(bundle: Any, settings: Any, threshold: float) -> None:
     from bulk.model import load_classifier
 
     _WORKER["classifier"] = load_classifier(bundle, 1)
     _WORKER["settings"] = settings
+    _WORKER["threshold"] = threshold
 
 
 def classify_paths(paths: Sequence[str]) -> tuple[int, float]:
@@ -92,13 +93,13 @@ def classify_paths(paths: Sequence[str]) -> tuple[int, float]:
     from inference.postprocess import postprocess
     from inference.preprocess import bytes_to_input
 
-    classifier, settings = _WORKER["classifier"], _WORKER["settings"]
+    classifier, settings, threshold = _WORKER["classifier"], _WORKER["settings"], _WORKER["threshold"]
     info = classifier.info
     cpu_started = time.process_time()
     for start in range(0, len(paths), BATCH):
         batch = np.stack([bytes_to_input(Path(path).read_bytes(), info.preprocessing, settings.limits,
                                          jpeg_draft=settings.jpeg_draft) for path in paths[start:start + BATCH]])
-        postprocess(classifier.logits(batch), info.labels, info.temperature, len(info.labels), 0.5)
+        postprocess(classifier.logits(batch), info.labels, info.temperature, len(info.labels), threshold)
     return len(paths), time.process_time() - cpu_started
 
 
@@ -108,10 +109,12 @@ def plain_loop(paths: Sequence[str], processes: int) -> dict[str, Any]:
     from bulk.stages import LoadSettings
     from inference.config import ServiceConfig
 
+    config = ServiceConfig.from_env()
     bundle = read_model_bundle("room_classifier:latest")
-    settings = LoadSettings.from_config(ServiceConfig.from_env(), bundle.info, Path("/"))
+    settings = LoadSettings.from_config(config, bundle.info, Path("/"))
     shards = [list(paths[i::processes]) for i in range(processes)]
-    with multiprocessing.get_context("spawn").Pool(processes, init_loop_worker, (bundle, settings)) as pool:
+    with multiprocessing.get_context("spawn").Pool(processes, init_loop_worker,
+                                                   (bundle, settings, config.uncertain_threshold)) as pool:
         pool.map(classify_paths, [[p] for p in paths[:processes * 2]], chunksize=1)  # every worker loaded
         started = time.perf_counter()
         done = pool.map(classify_paths, shards, chunksize=1)

@@ -1,134 +1,36 @@
-"""Service configuration: every knob in one dataclass, read once from `RC_*` environment variables.
+"""Service configuration: every `RC_*` setting declared once, typed, with its bounds and what it means.
 
-The variable for a field is `RC_` + the field name in upper case (`max_batch_size` -> `RC_MAX_BATCH_SIZE`).
-Thread counts default to the cores this process may use (`available_cores`: CPU affinity and a container's
-CPU quota), so ONNX Runtime and the decoders share them instead of fighting. Lists are comma-separated.
-A bad value stops the service at start-up with a message naming the variable.
+`ServiceConfig` is that declaration (pydantic-settings). The variable for a field is `RC_` + the field name in
+upper case (`max_batch_size` -> `RC_MAX_BATCH_SIZE`). `ServiceConfig.from_env()` reads them (the service,
+bulk jobs); `ServiceConfig()` is the declared defaults whatever the environment says (tests, training's
+evaluation, benchmarks). A bad value stops the service at start-up with a ValueError naming the variable.
 
-| variable | default | meaning |
-|---|---|---|
-| RC_MODEL_TAG | room_classifier:latest | model-store tag to serve |
-| RC_WORKERS | 1 | worker processes, each with its own model session and batcher |
-| RC_ORT_THREADS | half the cores | ONNX Runtime intra-op threads per worker (1 on a 2-core machine) |
-| RC_DECODE_THREADS | the cores | images decoded + preprocessed at the same time per worker |
-| RC_MAX_BATCH_SIZE | 16 | adaptive batching: most images per ONNX Runtime call; 1 turns batching off |
-| RC_MAX_LATENCY_MS | 1000 | adaptive batching: longest an image may wait for the model before 503 `model_overloaded` |
-| RC_MAX_CONCURRENCY | 32 | classify requests in flight per worker; more wait in line (below) |
-| RC_MAX_QUEUED | 64 | classify requests that may wait for a slot per worker; more get 429 + Retry-After at once |
-| RC_QUEUE_TIMEOUT_S | 5 | longest wait in that line; then 429 + Retry-After |
-| RC_REQUEST_TIMEOUT_S | 30 | longest request; after it 504 `timeout` (BentoML's own timeout is 5 s later, a backstop) |
-| RC_RETRY_AFTER_S | 1 | Retry-After header value on 429/503 |
-| RC_UNCERTAIN_THRESHOLD | 0.5 | `uncertain` when the top probability is below this (a request's `threshold` wins) |
-| RC_DEFAULT_TOP_K | 3 | length of `top_k` when the request does not say |
-| RC_MAX_IMAGES_PER_REQUEST | 16 | images in one classify_batch request |
-| RC_MAX_REQUEST_BYTES | 33554432 | whole request body (32 MiB); larger bodies get 413 before they are read |
-| RC_MAX_IMAGE_BYTES | 10485760 | one image, uploaded or downloaded (10 MiB) |
-| RC_MAX_PIXELS | 40000000 | width x height, checked from the image header before decoding |
-| RC_IMAGE_FORMATS | JPEG,PNG,WEBP,GIF | accepted formats (Pillow names, checked at start-up), detected from content |
-| RC_JPEG_DRAFT | true | decode large JPEGs at 1/2-1/8 scale, never below the model's resize size (~4x faster) |
-| RC_URL_FETCH | true | accept `image_url(s)` at all (false: uploads only) |
-| RC_URL_ALLOWLIST | (empty) | hosts and CIDRs that may be private/loopback, e.g. `images.internal,10.0.0.0/8` |
-| RC_FETCH_CONNECT_TIMEOUT_S | 3 | connect timeout per hop |
-| RC_FETCH_READ_TIMEOUT_S | 5 | longest wait for the next bytes |
-| RC_FETCH_TOTAL_TIMEOUT_S | 10 | whole download, redirects included |
-| RC_FETCH_MAX_REDIRECTS | 3 | redirects followed, each hop vetted again |
+The table of variables is generated from the declaration: `python -m inference.config` prints it, and
+README.md ("Serving", between the `rc-settings` markers) holds a copy that tests/test_inference_config.py
+keeps equal. To add a setting: add a field here, run `python -m inference.config`, paste the table.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+import sys
+import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Annotated, Any, Iterable, Mapping
 
 from PIL import Image
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from inference.decode import ImageLimits
 from inference.fetch import UrlPolicy
 
 ENV_PREFIX = "RC_"
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """All service settings; see the module docstring for the table of variables."""
-
-    model_tag: str = "room_classifier:latest"
-    workers: int = 1
-    ort_threads: int = field(default_factory=lambda: max(1, available_cores() // 2))
-    decode_threads: int = field(default_factory=lambda: available_cores())
-    max_batch_size: int = 16
-    max_latency_ms: int = 1000
-    max_concurrency: int = 32
-    max_queued: int = 64
-    queue_timeout_s: float = 5.0
-    request_timeout_s: float = 30.0
-    retry_after_s: int = 1
-    uncertain_threshold: float = 0.5
-    default_top_k: int = 3
-    max_images_per_request: int = 16
-    max_request_bytes: int = 32 * 1024 * 1024
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF")
-    jpeg_draft: bool = True
-    url_fetch: bool = True
-    url_allowlist: tuple[str, ...] = ()
-    fetch_connect_timeout_s: float = 3.0
-    fetch_read_timeout_s: float = 5.0
-    fetch_total_timeout_s: float = 10.0
-    fetch_max_redirects: int = 3
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServiceConfig":
-        """Read `RC_*` variables (unset ones keep their default); raise ValueError naming a bad one."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for item in fields(cls):
-            name = ENV_PREFIX + item.name.upper()
-            raw = environ.get(name)
-            if raw is None or raw.strip() == "":
-                continue
-            try:
-                values[item.name] = _parse(raw.strip(), str(item.type))
-            except ValueError as exc:
-                raise ValueError(f"{name}={raw!r}: {exc}") from None
-        config = cls(**values)
-        config.validate()
-        return config
-
-    def image_limits(self) -> ImageLimits:
-        """The decoder's limits (`inference.decode.decode_image`) from these settings."""
-        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_pixels,
-                           formats=tuple(name.upper() for name in self.image_formats))
-
-    def url_policy(self) -> UrlPolicy:
-        """The URL fetcher's policy (`inference.fetch.fetch_url`) from these settings."""
-        return UrlPolicy.with_allowlist(
-            self.url_allowlist, connect_timeout_s=self.fetch_connect_timeout_s,
-            read_timeout_s=self.fetch_read_timeout_s, total_timeout_s=self.fetch_total_timeout_s,
-            max_redirects=self.fetch_max_redirects, max_bytes=self.max_image_bytes)
-
-    def validate(self) -> None:
-        """Refuse settings that cannot work (zero threads, negative limits, thresholds outside [0, 1])."""
-        positive = ("workers", "ort_threads", "decode_threads", "max_batch_size", "max_latency_ms",
-                    "max_concurrency", "queue_timeout_s", "request_timeout_s", "default_top_k",
-                    "max_images_per_request", "max_request_bytes", "max_image_bytes", "max_pixels",
-                    "fetch_connect_timeout_s", "fetch_read_timeout_s", "fetch_total_timeout_s")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
-        if self.retry_after_s < 0 or self.fetch_max_redirects < 0 or self.max_queued < 0:
-            raise ValueError("RC_RETRY_AFTER_S, RC_FETCH_MAX_REDIRECTS and RC_MAX_QUEUED must be >= 0")
-        if not 0.0 <= self.uncertain_threshold <= 1.0:
-            raise ValueError(f"RC_UNCERTAIN_THRESHOLD must be in [0, 1], got {self.uncertain_threshold}")
-        if not self.image_formats:
-            raise ValueError("RC_IMAGE_FORMATS must name at least one format")
-        unknown = unknown_image_formats(self.image_formats)
-        if unknown:  # a typo like JPG would make every image a 422 corrupt_image
-            raise ValueError(f"RC_IMAGE_FORMATS: Pillow knows no format {', '.join(map(repr, unknown))}; "
-                             "use Pillow's names, e.g. JPEG,PNG,WEBP,GIF")
+MIB = 1024 * 1024
+# pydantic-settings would read a list as JSON; RC_* lists are comma-separated (`split_commas` below)
+CommaList = Annotated[tuple[str, ...], NoDecode]
 
 
 def available_cores() -> int:
@@ -144,27 +46,186 @@ def available_cores() -> int:
     return max(1, cores)
 
 
+def half_the_cores() -> int:
+    return max(1, available_cores() // 2)
+
+
+def shown_as(text: str) -> dict[str, str]:
+    """How the table shows a default computed at start-up (`default_factory`)."""
+    return {"default_shown": text}
+
+
+class ServiceConfig(BaseSettings):
+    """All service settings. Frozen: read once at start-up, then shared by every request."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    model_tag: str = Field("room_classifier:latest", min_length=1, description="model-store tag to serve")
+    workers: int = Field(1, ge=1, description="worker processes, each with its own model session and batcher")
+    ort_threads: int = Field(
+        default_factory=half_the_cores, ge=1, json_schema_extra=shown_as("half the cores"),
+        description="ONNX Runtime intra-op threads per worker (1 on a 2-core machine)")
+    decode_threads: int = Field(
+        default_factory=available_cores, ge=1, json_schema_extra=shown_as("the cores"),
+        description="images decoded + preprocessed at the same time per worker")
+    max_batch_size: int = Field(16, ge=1, description="adaptive batching: most images per ONNX Runtime call; "
+                                                       "1 turns batching off")
+    max_latency_ms: int = Field(1000, ge=1, description="adaptive batching: longest an image may wait for the "
+                                                         "model before 503 `model_overloaded`")
+    max_concurrency: int = Field(32, ge=1, description="classify requests in flight per worker; more wait in "
+                                                        "line (below)")
+    max_queued: int = Field(64, ge=0, description="classify requests that may wait for a slot per worker; more "
+                                                   "get 429 + Retry-After at once")
+    queue_timeout_s: float = Field(5.0, gt=0, description="longest wait in that line; then 429 + Retry-After")
+    request_timeout_s: float = Field(30.0, gt=0, description="longest request; after it 504 `timeout` "
+                                                              "(BentoML's own timeout is 5 s later, a backstop)")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After header value on 429/503")
+    uncertain_threshold: float = Field(0.5, ge=0.0, le=1.0, description="`uncertain` when the top probability is "
+                                                                         "below this (a request's `threshold` wins)")
+    default_top_k: int = Field(3, ge=1, description="length of `top_k` when the request does not say")
+    max_images_per_request: int = Field(16, ge=1, description="images in one classify_batch request")
+    max_request_bytes: int = Field(32 * MIB, ge=1, description="whole request body (32 MiB); larger bodies get "
+                                                                "413 before they are read")
+    max_image_bytes: int = Field(10 * MIB, ge=1, description="one image, uploaded or downloaded (10 MiB)")
+    max_pixels: int = Field(40_000_000, ge=1, description="width x height, checked from the image header "
+                                                           "before decoding")
+    image_formats: CommaList = Field(("JPEG", "PNG", "WEBP", "GIF"), min_length=1,
+                                     description="accepted formats (Pillow names, checked at start-up), "
+                                                 "detected from content")
+    jpeg_draft: bool = Field(True, description="decode large JPEGs at 1/2-1/8 scale, never below the model's "
+                                               "resize size (~4x faster)")
+    url_fetch: bool = Field(True, description="accept `image_url(s)` at all (false: uploads only)")
+    url_allowlist: CommaList = Field((), description="hosts and CIDRs that may be private/loopback, e.g. "
+                                                     "`images.internal,10.0.0.0/8`")
+    fetch_connect_timeout_s: float = Field(3.0, gt=0, description="connect timeout per hop")
+    fetch_read_timeout_s: float = Field(5.0, gt=0, description="longest wait for the next bytes")
+    fetch_total_timeout_s: float = Field(10.0, gt=0, description="whole download, redirects included")
+    fetch_max_redirects: int = Field(3, ge=0, description="redirects followed, each hop vetted again")
+
+    @field_validator("image_formats", "url_allowlist", mode="before")
+    @classmethod
+    def split_commas(cls, value: Any) -> Any:
+        """`JPEG, PNG,` -> ("JPEG", "PNG"): blanks around and between the commas are dropped."""
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("image_formats")
+    @classmethod
+    def pillow_knows(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """A typo like JPG would make every image a 422 corrupt_image: refuse it at start-up."""
+        unknown = unknown_image_formats(value)
+        if unknown:
+            raise ValueError(f"Pillow knows no format {', '.join(map(repr, unknown))}; "
+                             "use Pillow's names, e.g. JPEG,PNG,WEBP,GIF")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only the arguments: the environment is read by `from_env`, explicitly, so `ServiceConfig()` is the
+        declared defaults in tests, training and benchmarks whatever RC_* variables are set around them."""
+        return (init_settings,)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServiceConfig":
+        """Read `RC_*` variables from `environ` (default: os.environ); unset or blank ones keep their default.
+        Raises ValueError naming each bad variable and its value."""
+        environ = os.environ if environ is None else environ
+        try:
+            return cls(**EnvironSource(cls, environ)())
+        except ValidationError as exc:
+            raise ValueError("; ".join(describe_error(error, environ) for error in exc.errors())) from None
+
+    def image_limits(self) -> ImageLimits:
+        """The decoder's limits (`inference.decode.decode_image`) from these settings."""
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_pixels,
+                           formats=tuple(name.upper() for name in self.image_formats))
+
+    def url_policy(self) -> UrlPolicy:
+        """The URL fetcher's policy (`inference.fetch.fetch_url`) from these settings."""
+        return UrlPolicy.with_allowlist(
+            self.url_allowlist, connect_timeout_s=self.fetch_connect_timeout_s,
+            read_timeout_s=self.fetch_read_timeout_s, total_timeout_s=self.fetch_total_timeout_s,
+            max_redirects=self.fetch_max_redirects, max_bytes=self.max_image_bytes)
+
+
+class EnvironSource(EnvSettingsSource):
+    """pydantic-settings' environment source reading `environ` (os.environ or a test's dict) instead of always
+    os.environ. Values are stripped; blank ones count as unset."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {key if self.case_sensitive else key.lower(): value.strip()
+                for key, value in self.environ.items() if value.strip()}
+
+
+def variable_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def describe_error(error: Mapping[str, Any], environ: Mapping[str, str]) -> str:
+    """One pydantic error -> `RC_WORKERS='0': Input should be greater than or equal to 1`."""
+    if not error["loc"]:
+        return str(error["msg"])
+    name = variable_name(str(error["loc"][0]))
+    raw = next((value for key, value in environ.items() if key.upper() == name), None)
+    return f"{name}={raw!r}: {error['msg']}" if raw is not None else f"{name}: {error['msg']}"
+
+
 def unknown_image_formats(names: Iterable[str]) -> list[str]:
     """The names (case-insensitive) that are not image formats Pillow can open."""
     Image.init()  # registers every plugin, so Image.OPEN lists all of them
     return [name for name in names if name.upper() not in Image.OPEN]
 
 
-def _parse(raw: str, type_name: str) -> Any:
-    """Convert an environment string to the field's type (the dataclass annotations are strings)."""
-    if type_name == "str":
-        return raw
-    if type_name == "int":
-        return int(raw.replace("_", ""))
-    if type_name == "float":
-        return float(raw)
-    if type_name == "bool":
-        lowered = raw.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError("expected true/false")
-    if type_name == "tuple[str, ...]":
-        return tuple(item.strip() for item in raw.split(",") if item.strip())
-    raise ValueError(f"unsupported setting type {type_name}")
+# ----------------------------------------------------------------------------------------------------
+# The documentation, generated from the declaration above
+
+
+def settings_table() -> str:
+    """The markdown table of every RC_* variable: name, default, allowed values, meaning."""
+    lines = ["| variable | default | allowed | meaning |", "|---|---|---|---|"]
+    for name, field in ServiceConfig.model_fields.items():
+        lines.append(f"| {variable_name(name)} | {shown_default(field)} | {allowed_values(field)} | "
+                     f"{field.description} |")
+    return "\n".join(lines) + "\n"
+
+
+def shown_default(field: FieldInfo) -> str:
+    if field.default_factory is not None:
+        return str((field.json_schema_extra or {})["default_shown"])  # type: ignore[index]
+    value = field.default
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(value) if value else "(empty)"
+    return number_text(value) if isinstance(value, (int, float)) else str(value)
+
+
+TYPE_NAMES = {str: "text", int: "integer", float: "number", bool: "true/false", tuple: "comma-separated list"}
+BOUND_SIGNS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def allowed_values(field: FieldInfo) -> str:
+    """`integer >= 1`, `number >= 0, <= 1`, `non-empty text`, ... from the field's type and bounds."""
+    kind = TYPE_NAMES[typing.get_origin(field.annotation) or field.annotation]
+    bounds = [f"{sign} {number_text(getattr(item, name))}" for item in field.metadata
+              for name, sign in BOUND_SIGNS if getattr(item, name, None) is not None]
+    if any(getattr(item, "min_length", None) == 1 for item in field.metadata):
+        kind = "non-empty " + kind
+    return f"{kind} {', '.join(bounds)}".strip()
+
+
+def number_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(settings_table())

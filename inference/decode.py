@@ -1,11 +1,11 @@
 """Bytes -> RGB PIL image, hardened against hostile files. The one decoder of the project.
 
-`decode_image(data)` is what the service runs on every upload and download, and what training runs
+`decode_image(data, limits)` is what the service runs on every upload and download, and what training runs
 when it evaluates the exported model, so both see the same pixels. It:
 
 - refuses empty data and data over `max_bytes`;
 - detects the format from the content (never from a file name or Content-Type) and accepts only the
-  allow-listed formats (JPEG, PNG, WebP, GIF by default);
+  allow-listed formats;
 - reads width x height from the header and refuses more than `max_pixels` *before* decoding
   (decompression bombs);
 - optionally decodes large JPEGs at a reduced scale (`min_size`, see `decode_image`);
@@ -19,7 +19,9 @@ when it evaluates the exported model, so both see the same pixels. It:
 Elongated images come out whole: `inference.preprocess.trim_long_side` centre-crops them to 2:1 before
 resizing (resizing the short side of a 1x10000 strip to 256 would otherwise allocate gigabytes).
 
-Every refusal is an `inference.errors.InputError` with a stable code.
+Every refusal is an `inference.errors.InputError` with a stable code. The limits have no defaults here: they
+are settings (RC_MAX_IMAGE_BYTES, RC_MAX_PIXELS, RC_IMAGE_FORMATS), declared once in `inference.config`, whose
+`ServiceConfig.image_limits()` builds an `ImageLimits`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from inference.errors import ErrorCode, InputError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 HIGH_BIT_DEPTH_TILE_PIXELS = 1 << 18  # pixels scaled at a time (2 MB of float64)
 
 # Signatures of image formats that Pillow may know but that are not on the allow-list, so the answer can
@@ -57,17 +58,14 @@ _OTHER_IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """What `decode_image` accepts. The service builds it from its RC_* settings."""
+    """What `decode_image` accepts: `inference.config.ServiceConfig.image_limits()` builds it from the settings."""
 
-    max_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    formats: tuple[str, ...] = DEFAULT_FORMATS
-
-
-DEFAULT_LIMITS = ImageLimits()
+    max_bytes: int
+    max_pixels: int
+    formats: tuple[str, ...]  # Pillow's format names, upper case
 
 
-def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_size: int | None = None) -> Image.Image:
+def decode_image(data: bytes, limits: ImageLimits, min_size: int | None = None) -> Image.Image:
     """Decode untrusted image bytes to an 8-bit RGB image, or raise InputError (see module docstring).
 
     `min_size` lets JPEGs decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) as long as both sides

@@ -21,8 +21,10 @@
   Content-Length over the limit stops it before reading);
 - the response's Content-Type is ignored: the caller checks the bytes themselves (`decode_image`).
 
-`UrlPolicy.allowlist` holds trusted host names (exact match) and networks (CIDR) for private
-deployments; a trusted host or network skips the address check, nothing else. It is empty by default.
+`UrlPolicy.allow_hosts`/`allow_networks` hold trusted host names (exact match) and networks (CIDR) for private
+deployments; a trusted host or network skips the address check, nothing else. They are empty unless given.
+The timeouts and limits have no defaults here: they are settings (RC_FETCH_*, RC_MAX_IMAGE_BYTES), declared
+once in `inference.config`, whose `ServiceConfig.url_policy()` builds a `UrlPolicy`.
 `vet_url` takes a `resolver` argument so the address rules can be tested without DNS.
 """
 
@@ -63,13 +65,13 @@ _RESOLVER_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fetch-dns
 class UrlPolicy:
     """Where image URLs may point and how long/large a download may be."""
 
+    connect_timeout_s: float
+    read_timeout_s: float
+    total_timeout_s: float
+    max_redirects: int
+    max_bytes: int
     allow_hosts: frozenset[str] = frozenset()
     allow_networks: tuple[IPNetwork, ...] = ()
-    connect_timeout_s: float = 3.0
-    read_timeout_s: float = 5.0
-    total_timeout_s: float = 10.0
-    max_redirects: int = 3
-    max_bytes: int = 10 * 1024 * 1024
     schemes: tuple[str, ...] = field(default=("http", "https"))
 
     @classmethod

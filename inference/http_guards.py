@@ -63,7 +63,7 @@ async def send_error(scope: Scope, receive: Receive, send: Send, error: ServiceE
 class ErrorEnvelopeMiddleware:
     """Every 4xx/5xx answer outside the system paths leaves in the `{"error": {code, message}}` shape."""
 
-    def __init__(self, app: ASGIApp, retry_after_s: int = 1, own_paths: Iterable[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, retry_after_s: int, own_paths: Iterable[str] = ()) -> None:
         self.app = app
         self.retry_after_s = retry_after_s
         self.skip_paths = SYSTEM_PATHS | frozenset(own_paths)  # answers that have their own shape
@@ -165,7 +165,7 @@ class LoadSheddingMiddleware:
     crowd out the requests being served. Waiting requests are not read yet (the body guard is inside).
     """
 
-    def __init__(self, app: ASGIApp, max_concurrency: int, paths: Iterable[str], retry_after_s: int = 1,
+    def __init__(self, app: ASGIApp, max_concurrency: int, paths: Iterable[str], retry_after_s: int,
                  max_waiting: int = 0, max_wait_s: float = 0.0) -> None:
         self.app = app
         self.max_concurrency = max_concurrency

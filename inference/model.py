@@ -3,8 +3,8 @@
 `ModelInfo` is the model's own description (labels in output order, preprocessing, softmax temperature,
 architecture, and whatever training recorded: metrics, dataset fingerprint, ...). `OnnxClassifier`
 runs the ONNX file and returns logits for a float32 [N, 3, H, W] batch (`logits`) or for uint8 pixels
-[N, H, W, 3] that it normalises itself (`logits_for_pixels`, what the service sends); `predict(images)` chains
-preprocessing, logits and postprocessing for decoded images.
+[N, H, W, 3] that it normalises itself (`logits_for_pixels`, what the service sends);
+`predict(images, top_k, threshold)` chains preprocessing, logits and postprocessing for decoded images.
 
 Build it from files (training's evaluation of the exported model):
     OnnxClassifier.from_files("model.onnx", metadata).logits(batch)
@@ -108,8 +108,9 @@ class OnnxClassifier:
         """uint8 [N, S, S, 3] pixels (`inference.preprocess.bytes_to_pixels`) -> float32 [N, num_labels]."""
         return self.logits(normalize_pixels(pixels, self.info.preprocessing))
 
-    def predict(self, images: Sequence[Image.Image], top_k: int = 3, threshold: float = 0.5) -> list[Prediction]:
-        """Decoded RGB images -> predictions, the same steps the service runs (offline reference)."""
+    def predict(self, images: Sequence[Image.Image], top_k: int, threshold: float) -> list[Prediction]:
+        """Decoded RGB images -> predictions, the same steps the service runs (offline reference); `top_k` and
+        `threshold` as the service's settings (RC_DEFAULT_TOP_K, RC_UNCERTAIN_THRESHOLD) or a request say."""
         batch = preprocess_batch(images, self.info.preprocessing)
         return postprocess(self.logits(batch), self.info.labels, self.info.temperature, top_k, threshold)
 

@@ -3,6 +3,9 @@
 `softmax(logits, temperature)` is the calibrated probability the model's metadata asks for
 (probabilities = softmax(logits / temperature)). `postprocess` builds one `Prediction` per image with
 `probabilities` as `[(label, p), ...]` sorted by p, highest first, summing to 1.
+
+How a prediction is written on the wire (the API's `class` field, bulk's result columns) is not decided here:
+service.py's `Classification` owns the API's shape, bulk/stages.py's `result_row` the bulk output's.
 """
 
 from __future__ import annotations
@@ -22,12 +25,6 @@ class Prediction:
     probabilities: list[tuple[str, float]]
     top_k: list[tuple[str, float]]
     uncertain: bool
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON shape of the API (`class` is a Python keyword, hence `label` in here)."""
-        return {"class": self.label, "confidence": self.confidence,
-                "probabilities": [list(pair) for pair in self.probabilities],
-                "top_k": [list(pair) for pair in self.top_k], "uncertain": self.uncertain}
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from inference.decode import DEFAULT_LIMITS, ImageLimits, decode_image
+from inference.decode import ImageLimits, decode_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,8 +112,7 @@ def preprocess_batch(images: Sequence[Image.Image], config: Preprocessing) -> np
         (0, 3, config.image_size, config.image_size), dtype=np.float32)
 
 
-def bytes_to_pixels(data: bytes, config: Preprocessing, limits: ImageLimits = DEFAULT_LIMITS,
-                    jpeg_draft: bool = True) -> np.ndarray:
+def bytes_to_pixels(data: bytes, config: Preprocessing, limits: ImageLimits, jpeg_draft: bool) -> np.ndarray:
     """Untrusted image bytes -> uint8 pixels (S, S, 3), exactly as the service does it: the hardened
     decoder (large JPEGs decoded at reduced scale, never below `resize_size`, when `jpeg_draft`), then
     resize and centre crop. `normalize_pixels` makes the model input of them."""
@@ -121,8 +120,7 @@ def bytes_to_pixels(data: bytes, config: Preprocessing, limits: ImageLimits = DE
     return to_pixels(decode_image(data, limits, min_size=min_size), config)
 
 
-def bytes_to_input(data: bytes, config: Preprocessing, limits: ImageLimits = DEFAULT_LIMITS,
-                   jpeg_draft: bool = True) -> np.ndarray:
+def bytes_to_input(data: bytes, config: Preprocessing, limits: ImageLimits, jpeg_draft: bool) -> np.ndarray:
     """Untrusted image bytes -> normalised float32 model input (3, S, S): `bytes_to_pixels`, then
     `normalize_pixels` (what the service's model process does to the pixels it receives)."""
     return normalize_pixels(bytes_to_pixels(data, config, limits, jpeg_draft)[None], config)[0]

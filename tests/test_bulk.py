@@ -489,7 +489,8 @@ def test_pending_inputs_skip_done_rows(tmp_path: Path) -> None:
 def test_two_thousand_real_photos_on_the_cluster_match_the_offline_model(ray_cluster: Any, tiny_model: TinyModel,
                                                                           tmp_path: Path) -> None:
     from benchmarks.common import DEFAULT_DATA, find_room_photos
-    from inference.decode import ImageLimits, decode_image
+    from inference.config import ServiceConfig
+    from inference.decode import decode_image
     from inference.model import OnnxClassifier
 
     photos = [str(path) for path in find_room_photos(DEFAULT_DATA, 2000)]
@@ -500,10 +501,11 @@ def test_two_thousand_real_photos_on_the_cluster_match_the_offline_model(ray_clu
     rows = read_results(out)
     assert summary["ok"] == len(photos) and [row["input"] for row in rows] == photos
     offline = OnnxClassifier.from_files(tiny_model.onnx_path, tiny_model.metadata, tag=tiny_model.tag)
-    limits = ImageLimits(max_bytes=4 << 20, max_pixels=30_000_000)
+    settings = ServiceConfig.from_env(RC_SETTINGS)  # what the job read
+    limits = settings.image_limits()
     for row in rows[::40]:  # 50 spread over the run, through the offline reference path
         image = decode_image(Path(row["input"]).read_bytes(), limits, min_size=offline.info.preprocessing.resize_size)
-        prediction = offline.predict([image], top_k=4)[0]
+        prediction = offline.predict([image], top_k=4, threshold=settings.uncertain_threshold)[0]
         assert row["class"] == prediction.label
         for label, probability in prediction.probabilities:
             assert abs(row[f"p_{label}"] - probability) <= 1e-5

@@ -78,7 +78,7 @@ def test_bentofile_packs_exactly_the_serving_dependencies():
     names = {Requirement(package).name for package in packages}
     # no training stack; only what serving imports, plus uvicorn's fast event loop and HTTP parser
     assert names == {"bentoml", "onnxruntime", "numpy", "pillow", "anyio", "starlette", "pydantic",
-                     "prometheus-client", "uvloop", "httptools"}
+                     "pydantic-settings", "prometheus-client", "uvloop", "httptools"}
 
 
 def test_bentofile_includes_only_serving_code():

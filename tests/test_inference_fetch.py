@@ -15,11 +15,13 @@ from typing import Any, Iterator
 import pytest
 
 from inference import fetch
+from inference.config import ServiceConfig
 from inference.errors import InputError
 from inference.fetch import UrlPolicy, blocked_reason, fetch_url, parse_ip_literal, vet_url
 from tests.conftest import MISBEHAVE_FOR_S, ImageHost, make_handler, solid_jpeg
 
 PUBLIC = "93.184.216.34"
+DEFAULT_POLICY = ServiceConfig().url_policy()  # the service's defaults: no allow-list
 
 
 def resolver_for(table: dict[str, list[str]]):
@@ -31,7 +33,7 @@ def resolver_for(table: dict[str, list[str]]):
     return resolve
 
 
-def code_of(url: str, policy: UrlPolicy = UrlPolicy(), table: dict[str, list[str]] | None = None) -> str:
+def code_of(url: str, policy: UrlPolicy = DEFAULT_POLICY, table: dict[str, list[str]] | None = None) -> str:
     with pytest.raises(InputError) as caught:
         vet_url(url, policy, resolver_for(table or {}))
     return caught.value.code
@@ -41,7 +43,7 @@ def code_of(url: str, policy: UrlPolicy = UrlPolicy(), table: dict[str, list[str
 
 
 def test_public_host_is_allowed_and_pinned_to_its_vetted_address() -> None:
-    target = vet_url("https://images.example.com/a/b.jpg?x=1", UrlPolicy(),
+    target = vet_url("https://images.example.com/a/b.jpg?x=1", DEFAULT_POLICY,
                      resolver_for({"images.example.com": [PUBLIC]}))
     assert (target.host, target.port, target.path, target.address) == ("images.example.com", 443,
                                                                         "/a/b.jpg?x=1", PUBLIC)
@@ -89,7 +91,7 @@ def test_malformed_and_foreign_urls(url: str, code: str) -> None:
 
 
 def test_allow_list_trusts_named_hosts_and_networks_only() -> None:
-    policy = UrlPolicy.with_allowlist(["images.internal", "10.20.0.0/16", " "])
+    policy = ServiceConfig.from_env({"RC_URL_ALLOWLIST": "images.internal, 10.20.0.0/16, "}).url_policy()
     table = {"images.internal": ["10.9.9.9"], "other.internal": ["10.9.9.9"], "cam.internal": ["10.20.3.4"]}
     assert vet_url("http://images.internal/x.jpg", policy, resolver_for(table)).address == "10.9.9.9"
     assert vet_url("http://cam.internal/x.jpg", policy, resolver_for(table)).address == "10.20.3.4"
@@ -101,7 +103,7 @@ def test_allow_list_trusts_named_hosts_and_networks_only() -> None:
 
 
 def test_default_policy_trusts_nothing() -> None:
-    assert UrlPolicy().allow_hosts == frozenset() and UrlPolicy().allow_networks == ()
+    assert DEFAULT_POLICY.allow_hosts == frozenset() and DEFAULT_POLICY.allow_networks == ()
     assert code_of("http://localhost/x.jpg", table={"localhost": ["127.0.0.1"]}) == "url_host_not_allowed"
 
 

@@ -21,11 +21,13 @@ import pytest
 import requests
 from PIL import Image
 
-from inference.decode import ImageLimits, decode_image
+from inference.config import ServiceConfig
+from inference.decode import decode_image
 from inference.model import OnnxClassifier
 from tests.conftest import REPO, ImageHost, Server, TinyModel, encode, noisy_image, real_photos, solid_jpeg
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0)}
+SETTINGS = ServiceConfig.from_env({"RC_MAX_PIXELS": "30000000"})  # the test server's decoder limit
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +57,13 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
-def expected(offline: OnnxClassifier, data: bytes, top_k: int = 3, threshold: float = 0.5) -> dict[str, Any]:
-    image = decode_image(data, ImageLimits(max_pixels=30_000_000), min_size=offline.info.preprocessing.resize_size)
+def expected(offline: OnnxClassifier, data: bytes, top_k: int = SETTINGS.default_top_k,
+             threshold: float = SETTINGS.uncertain_threshold) -> dict[str, Any]:
+    """The answer the API must give (its JSON field names), computed offline."""
+    image = decode_image(data, SETTINGS.image_limits(), min_size=offline.info.preprocessing.resize_size)
     prediction = offline.predict([image], top_k, threshold)[0]
-    return {**prediction.to_dict(), "model": offline.info.tag}
+    return {"class": prediction.label, "confidence": prediction.confidence, "probabilities": prediction.probabilities,
+            "top_k": prediction.top_k, "uncertain": prediction.uncertain, "model": offline.info.tag}
 
 
 def assert_same_answer(answer: dict[str, Any], reference: dict[str, Any]) -> None:

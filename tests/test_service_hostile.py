@@ -20,7 +20,8 @@ import pytest
 import requests
 from PIL import Image
 
-from inference.decode import ImageLimits, decode_image
+from inference.config import ServiceConfig
+from inference.decode import decode_image
 from inference.errors import ERROR_STATUS
 from inference.model import OnnxClassifier
 from tests.conftest import (
@@ -131,8 +132,9 @@ def test_unusual_but_valid_images_are_classified_like_offline(client: bentoml.Sy
     path.write_bytes(data)
     answer = client.classify(image=path)
     offline = OnnxClassifier.from_files(tiny_model.onnx_path, tiny_model.metadata)
-    image = decode_image(data, ImageLimits(max_pixels=30_000_000), min_size=offline.info.preprocessing.resize_size)
-    reference = offline.predict([image])[0]
+    settings = ServiceConfig.from_env({"RC_MAX_PIXELS": "30000000"})  # the test server's decoder limit
+    image = decode_image(data, settings.image_limits(), min_size=offline.info.preprocessing.resize_size)
+    reference = offline.predict([image], settings.default_top_k, settings.uncertain_threshold)[0]
     assert answer["class"] == reference.label and answer["confidence"] == pytest.approx(reference.confidence, abs=1e-6)
     assert expected_class is None or answer["class"] == expected_class
     assert sum(p for _, p in answer["probabilities"]) == pytest.approx(1.0)

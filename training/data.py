@@ -12,8 +12,11 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from data_prep.common import IMAGE_EXTENSIONS
+from inference.config import ServiceConfig
 from inference.decode import decode_image
 from inference.preprocess import Preprocessing, preprocess
+
+DECODE_LIMITS = ServiceConfig().image_limits()  # the service's default limits (RC_MAX_PIXELS, ...)
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def train_augmentation(config: Preprocessing) -> T.Compose:
 
 def load_rgb(path: Path) -> Image.Image:
     """The service's own decoder (EXIF orientation, transparency on white, CMYK, 16-bit), full resolution."""
-    return decode_image(path.read_bytes())
+    return decode_image(path.read_bytes(), DECODE_LIMITS)
 
 
 class ImageDataset(torch.utils.data.Dataset):

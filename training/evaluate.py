@@ -19,16 +19,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from inference.config import ServiceConfig  # noqa: E402
 from inference.preprocess import Preprocessing, bytes_to_input  # noqa: E402
 from training.data import Sample  # noqa: E402
 from training.metrics import calibration_bins, classification_report, fit_temperature, negative_log_likelihood, softmax  # noqa: E402
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
+SERVICE_DEFAULTS = ServiceConfig()  # the service's default settings: decoder limits, JPEG draft decoding
 
 
 def load_input(sample: Sample, config: Preprocessing) -> np.ndarray:
     """Exactly what the service does with an uploaded file (default settings): decode the bytes, preprocess."""
-    return bytes_to_input(sample.path.read_bytes(), config)
+    return bytes_to_input(sample.path.read_bytes(), config, SERVICE_DEFAULTS.image_limits(),
+                          SERVICE_DEFAULTS.jpeg_draft)
 
 
 def predict_logits(logits_fn: LogitsFn, samples: list[Sample], config: Preprocessing, desc: str,

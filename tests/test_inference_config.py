@@ -1,0 +1,84 @@
+"""The RC_* declaration (inference/config.py): how variables are read, and the docs generated from it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from inference.config import ServiceConfig, settings_table
+
+REPO = Path(__file__).resolve().parents[1]
+README_BEGIN = "<!-- rc-settings:begin"
+README_END = "<!-- rc-settings:end -->"
+
+
+def readme_settings_block() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(README_BEGIN)
+    start = text.index("\n", start) + 1  # the table starts on the line after the marker
+    return text[start:text.index(README_END, start)]
+
+
+def test_readme_table_is_the_generated_one() -> None:
+    assert readme_settings_block() == settings_table(), (
+        "README.md's RC_* table differs from inference/config.py: paste the output of `python -m inference.config` "
+        "between the rc-settings markers")
+
+
+def test_module_prints_the_table() -> None:
+    out = subprocess.run([sys.executable, "-m", "inference.config"], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout == settings_table()
+
+
+def test_every_setting_is_documented_with_its_bounds() -> None:
+    rows = settings_table().splitlines()[2:]
+    assert len(rows) == len(ServiceConfig.model_fields)
+    for row in rows:
+        name, default, allowed, meaning = (cell.strip() for cell in row.strip("|").split(" | "))
+        assert name.startswith("RC_") and default and allowed and meaning, row
+    assert "| RC_UNCERTAIN_THRESHOLD | 0.5 | number >= 0, <= 1 |" in settings_table()
+    assert "| RC_ORT_THREADS | half the cores | integer >= 1 |" in settings_table()
+
+
+def test_the_constructor_is_the_defaults_and_from_env_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RC_WORKERS", "5")
+    monkeypatch.setenv("RC_IMAGE_FORMATS", "JPEG")
+    assert (ServiceConfig().workers, ServiceConfig().image_formats) == (1, ("JPEG", "PNG", "WEBP", "GIF"))
+    assert (ServiceConfig.from_env().workers, ServiceConfig.from_env().image_formats) == (5, ("JPEG",))
+    assert ServiceConfig.from_env({}).workers == 1  # a given mapping is all that is read
+
+
+@pytest.mark.parametrize("spelling, value", [("1", True), ("yes", True), ("ON", True), ("true", True),
+                                             ("0", False), ("no", False), ("off", False), ("False", False)])
+def test_booleans_read_the_usual_spellings(spelling: str, value: bool) -> None:
+    assert ServiceConfig.from_env({"RC_JPEG_DRAFT": spelling}).jpeg_draft is value
+
+
+def test_blank_values_keep_the_default_and_values_are_stripped() -> None:
+    config = ServiceConfig.from_env({"RC_MAX_QUEUED": "  ", "RC_WORKERS": " 2 ", "RC_URL_ALLOWLIST": ""})
+    assert (config.max_queued, config.workers, config.url_allowlist) == (64, 2, ())
+
+
+def test_settings_are_frozen_and_reach_the_limits_they_feed() -> None:
+    config = ServiceConfig.from_env({"RC_MAX_IMAGE_BYTES": "1000", "RC_MAX_PIXELS": "500", "RC_IMAGE_FORMATS": "png",
+                                     "RC_FETCH_TOTAL_TIMEOUT_S": "2.5", "RC_FETCH_MAX_REDIRECTS": "0",
+                                     "RC_URL_ALLOWLIST": "cdn.internal,10.0.0.0/8"})
+    with pytest.raises(ValidationError):
+        config.max_pixels = 1  # type: ignore[misc]
+    limits, policy = config.image_limits(), config.url_policy()
+    assert (limits.max_bytes, limits.max_pixels, limits.formats) == (1000, 500, ("PNG",))
+    assert (policy.total_timeout_s, policy.max_redirects, policy.max_bytes) == (2.5, 0, 1000)
+    assert policy.allow_hosts == frozenset({"cdn.internal"})
+    assert [str(network) for network in policy.allow_networks] == ["10.0.0.0/8"]
+
+
+def test_every_bad_variable_is_named_at_once() -> None:
+    with pytest.raises(ValueError) as caught:
+        ServiceConfig.from_env({"RC_WORKERS": "0", "RC_FETCH_READ_TIMEOUT_S": "-1", "RC_MAX_PIXELS": "ok"})
+    message = str(caught.value)
+    assert all(name in message for name in ("RC_WORKERS='0'", "RC_FETCH_READ_TIMEOUT_S='-1'", "RC_MAX_PIXELS='ok'"))
