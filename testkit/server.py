@@ -98,8 +98,8 @@ def start_bento_server(target: str = DEFAULT_SERVICE, env: Mapping[str, str] | N
     `target` is an import string (`service:RoomClassifier`, served from `cwd`, the repo root) or a bento tag.
     `env` is added to this process's environment (RC_* settings, BENTOML_HOME); with
     `inherit_rc_settings=False` this process's own RC_* variables are dropped first, so that only `env`
-    configures the service (the tests). A server that does not become ready is stopped, and ServerNotReady
-    carries the tail of its log.
+    configures the service (the tests' `serve_model_home`). A server that does not become ready is stopped,
+    and ServerNotReady carries the tail of its log.
     """
     port = free_port()
     inherited = {key: value for key, value in os.environ.items()
@@ -120,6 +120,13 @@ def start_bento_server(target: str = DEFAULT_SERVICE, env: Mapping[str, str] | N
             raise ServerNotReady(f"`{' '.join(command)}`: {exc}; log tail:\n{server.log_tail()}") from None
         raise
     return server
+
+
+def serve_model_home(home: Path, log_path: Path, ready_path: str = "/readyz", **settings: str) -> BentoServer:
+    """This repo's service on the model in BentoML home `home`, configured by the RC_* `settings` alone (this
+    process's own RC_* variables are dropped), so a test server is the same on every machine."""
+    return start_bento_server(env={"BENTOML_HOME": str(home), **settings}, log_path=log_path, ready_path=ready_path,
+                              inherit_rc_settings=False)
 
 
 def stop_server_process(process: subprocess.Popen) -> None:

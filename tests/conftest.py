@@ -15,7 +15,7 @@ import pytest
 from testkit.image_host import ImageHost, serving_images
 from testkit.images import solid_jpeg
 from testkit.model_home import TinyModel, register_tiny_model_in
-from testkit.server import BentoServer, start_bento_server
+from testkit.server import BentoServer, serve_model_home
 
 
 @pytest.fixture(scope="session")
@@ -26,12 +26,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 @pytest.fixture(scope="session")
 def server(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoServer]:
     """The main test server: URL images from `localhost` allowed, short fetch timeouts."""
-    settings = {"RC_URL_ALLOWLIST": "localhost", "RC_FETCH_TOTAL_TIMEOUT_S": "2", "RC_FETCH_READ_TIMEOUT_S": "1",
-                "RC_FETCH_CONNECT_TIMEOUT_S": "1", "RC_MAX_CONCURRENCY": "24", "RC_MAX_QUEUED": "0",
-                "RC_MAX_IMAGE_BYTES": str(4 << 20), "RC_MAX_REQUEST_BYTES": str(16 << 20),
-                "RC_MAX_PIXELS": "30000000"}
-    with start_bento_server(env={"BENTOML_HOME": str(tiny_model.home), **settings}, inherit_rc_settings=False,
-                            log_path=tmp_path_factory.mktemp("logs") / "server.log") as srv:
+    with serve_model_home(tiny_model.home, tmp_path_factory.mktemp("logs") / "server.log",
+                          RC_URL_ALLOWLIST="localhost", RC_FETCH_TOTAL_TIMEOUT_S="2", RC_FETCH_READ_TIMEOUT_S="1",
+                          RC_FETCH_CONNECT_TIMEOUT_S="1", RC_MAX_CONCURRENCY="24", RC_MAX_QUEUED="0",
+                          RC_MAX_IMAGE_BYTES=str(4 << 20), RC_MAX_REQUEST_BYTES=str(16 << 20),
+                          RC_MAX_PIXELS="30000000") as srv:
         yield srv
 
 

@@ -18,7 +18,7 @@ import requests
 
 from testkit.image_host import ImageHost
 from testkit.model_home import TinyModel
-from testkit.server import REPO_ROOT, BentoServer, start_bento_server
+from testkit.server import REPO_ROOT, BentoServer, serve_model_home
 
 REGISTER_CORRUPT = """
 import sys
@@ -37,8 +37,7 @@ def corrupt_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoSe
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     subprocess.run([sys.executable, "-c", REGISTER_CORRUPT, str(home / "model.onnx")], cwd=REPO_ROOT, env=env,
                    check=True, capture_output=True, timeout=120)
-    with start_bento_server(env={"BENTOML_HOME": str(home)}, inherit_rc_settings=False,
-                            log_path=home / "server.log", ready_path="/livez") as server:
+    with serve_model_home(home, home / "server.log", ready_path="/livez") as server:
         yield server
 
 
@@ -81,10 +80,9 @@ def test_missing_model_stops_serve_with_a_clear_message(tiny_model, tmp_path: Pa
 def impatient_server(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoServer]:
     """A 1 s request timeout, and URL fetches allowed to take much longer: the request timeout comes first."""
     folder = tmp_path_factory.mktemp("impatient")
-    settings = {"RC_REQUEST_TIMEOUT_S": "1", "RC_URL_ALLOWLIST": "localhost", "RC_FETCH_TOTAL_TIMEOUT_S": "8",
-                "RC_FETCH_READ_TIMEOUT_S": "5"}
-    with start_bento_server(env={"BENTOML_HOME": str(tiny_model.home), **settings}, inherit_rc_settings=False,
-                            log_path=folder / "server.log") as server:
+    with serve_model_home(tiny_model.home, folder / "server.log", RC_REQUEST_TIMEOUT_S="1",
+                          RC_URL_ALLOWLIST="localhost", RC_FETCH_TOTAL_TIMEOUT_S="8",
+                          RC_FETCH_READ_TIMEOUT_S="5") as server:
         yield server
 
 

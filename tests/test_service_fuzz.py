@@ -18,14 +18,13 @@ from schemathesis import GenerationMode
 
 from inference.errors import ERROR_STATUS
 from testkit.model_home import TinyModel
-from testkit.server import BentoServer, start_bento_server
+from testkit.server import BentoServer, serve_model_home
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoServer]:
-    with start_bento_server(env={"BENTOML_HOME": str(tiny_model.home), "RC_URL_FETCH": "false"},
-                            inherit_rc_settings=False,
-                            log_path=tmp_path_factory.mktemp("fuzz") / "server.log") as server:
+    with serve_model_home(tiny_model.home, tmp_path_factory.mktemp("fuzz") / "server.log",
+                          RC_URL_FETCH="false") as server:
         yield server
 
 

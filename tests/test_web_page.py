@@ -31,7 +31,7 @@ from testkit.image_host import ImageHost
 from testkit.images import encode, noisy_image, solid_jpeg
 from testkit.model_home import TinyModel
 from testkit.photos import real_photos
-from testkit.server import BentoServer, start_bento_server
+from testkit.server import BentoServer, serve_model_home
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -261,10 +261,10 @@ def small_limits_server(browser: Any, tiny_model: TinyModel,
                         tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoServer]:
     """A server with small limits and a high threshold, for what the page learns from /health (after `browser`:
     no server is started where the browser tests are skipped)."""
-    settings = {"RC_MAX_IMAGES_PER_REQUEST": "3", "RC_UNCERTAIN_THRESHOLD": "0.9",
-                "RC_MAX_IMAGE_BYTES": str(SMALL_IMAGE_LIMIT), "RC_MAX_REQUEST_BYTES": str(SMALL_REQUEST_LIMIT)}
-    with start_bento_server(env={"BENTOML_HOME": str(tiny_model.home), **settings}, inherit_rc_settings=False,
-                            log_path=tmp_path_factory.mktemp("logs") / "web_small_limits.log") as srv:
+    with serve_model_home(tiny_model.home, tmp_path_factory.mktemp("logs") / "web_small_limits.log",
+                          RC_MAX_IMAGES_PER_REQUEST="3", RC_UNCERTAIN_THRESHOLD="0.9",
+                          RC_MAX_IMAGE_BYTES=str(SMALL_IMAGE_LIMIT),
+                          RC_MAX_REQUEST_BYTES=str(SMALL_REQUEST_LIMIT)) as srv:
         yield srv
 
 
