@@ -19,38 +19,30 @@ good-URL requests to succeed; the command's own server is started that way.
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import os
 import random
-import struct
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections import Counter, defaultdict
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import bentoml
 import requests
 from tqdm import tqdm
 
 from benchmarks.client_calls import classify_uploads, classify_url, error_code_from_body, error_code_of
-from benchmarks.common import (
-    DEFAULT_DATA,
-    DEFAULT_SERVICE,
-    BentoServer,
-    find_room_photos,
-    percentiles_ms,
-    process_tree_rss,
-    require_loopback_url,
-    write_jpegs,
-)
-from benchmarks.model_home import temporary_model_home
+from benchmarks.common import percentiles_ms, require_loopback_url
+from testkit.image_host import ImageHost, serving_images
+from testkit.images import png_with_huge_header, truncated
+from testkit.model_home import temporary_model_home
+from testkit.photos import DEFAULT_DATA, find_room_photos, write_jpegs
+from testkit.server import DEFAULT_SERVICE, process_tree_rss, start_bento_server
 
 SHED = {"429 overloaded", "503 model_overloaded", "429", "503"}
 # Refused before any connection is made, and all of them point at this machine anyway.
@@ -65,21 +57,6 @@ HOSTILE_URLS = (
 # Inputs
 
 
-def truncated_jpeg(good: bytes) -> bytes:
-    """The first 60 % of a real JPEG: a download that broke off."""
-    return good[: int(len(good) * 0.6)]
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A small PNG whose header claims width x height pixels (a decompression-bomb header)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
-            + chunk(b"IEND", b""))
-
-
 @dataclass
 class Inputs:
     good_files: list[Path]
@@ -87,54 +64,21 @@ class Inputs:
     huge_dimensions: Path
     not_image: Path
     good_urls: list[str]
+    redirect_to_private: str  # a redirect from the trusted image host to a loopback address that is not trusted
 
 
-def make_inputs(good: Sequence[Path], workdir: Path, image_host: str) -> Inputs:
-    """The bad files next to the good 640x480 JPEGs, and the URLs of the good ones on `image_host`."""
-    truncated = workdir / "truncated.jpg"
-    truncated.write_bytes(truncated_jpeg(good[0].read_bytes()))
+def make_inputs(good: Sequence[Path], workdir: Path, host: ImageHost) -> Inputs:
+    """The bad files next to the good 640x480 JPEGs, and the URLs of the good ones on `host` (as 127.0.0.1,
+    the address the soaked service trusts)."""
+    broken = workdir / "truncated.jpg"
+    broken.write_bytes(truncated(good[0].read_bytes(), 0.6))
     huge = workdir / "huge_dimensions.png"
-    huge.write_bytes(png_claiming(100_000, 100_000))
+    huge.write_bytes(png_with_huge_header(100_000, 100_000))
     not_image = workdir / "notes.jpg"
     not_image.write_bytes(b"this is a text file with a .jpg name\n" * 20)
-    urls = [f"{image_host}/good/{path.name}" for path in good]
-    return Inputs(list(good), truncated, huge, not_image, urls)
-
-
-class ImageHostHandler(http.server.BaseHTTPRequestHandler):
-    """Serves the good JPEGs under /good/ and a redirect to a loopback address that is not trusted."""
-
-    files: dict[str, bytes] = {}
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        if self.path == "/redirect-to-private":
-            self.send_response(302)
-            self.send_header("Location", "http://127.0.0.2:9/x.jpg")
-            self.end_headers()
-            return
-        body = self.files.get(self.path)
-        self.send_response(200 if body else 404)
-        self.send_header("Content-Type", "image/jpeg" if body else "text/plain")
-        self.send_header("Content-Length", str(len(body or b"")))
-        self.end_headers()
-        self.wfile.write(body or b"")
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@contextmanager
-def image_host(files: Sequence[Path]) -> Iterator[str]:
-    """An HTTP server thread on 127.0.0.1 serving `files` under /good/; yields its base URL."""
-    handler = type("Handler", (ImageHostHandler,), {"files": {f"/good/{p.name}": p.read_bytes() for p in files}})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    urls = [host.add(path.name, path.read_bytes(), host="127.0.0.1") for path in good]
+    redirect = host.url("/redirect?to=http://127.0.0.2:9/x.jpg", host="127.0.0.1")
+    return Inputs(list(good), broken, huge, not_image, urls, redirect)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,8 +167,7 @@ KINDS = (
     Kind("hostile_url", 10, frozenset(),  # any 4xx with a code: which one depends on the URL
          lambda w: w.call(lambda: classify_url(w.client, w.rng.choice(HOSTILE_URLS)))),
     Kind("redirect_to_private", 7, frozenset({"403 url_host_not_allowed"}),
-         lambda w: w.call(lambda: classify_url(w.client, w.inputs.good_urls[0].rsplit("/good/", 1)[0]
-                                               + "/redirect-to-private"))),
+         lambda w: w.call(lambda: classify_url(w.client, w.inputs.redirect_to_private))),
 )
 
 
@@ -409,15 +352,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rc-soak-")))
         good = write_jpegs(find_room_photos(args.data, args.photos), (640, 480), workdir / "good")
-        host = stack.enter_context(image_host(good))
-        inputs = make_inputs(good, workdir, host)
+        inputs = make_inputs(good, workdir, stack.enter_context(serving_images()))
         if args.url:
             url, rss = args.url, (lambda: process_tree_rss(args.pid) if args.pid else 0)
         else:
             env = {"RC_URL_ALLOWLIST": "127.0.0.1/32"}
             if args.tiny_model or args.model_home:
                 env["BENTOML_HOME"] = stack.enter_context(temporary_model_home(args.model_home))
-            server = stack.enter_context(BentoServer(args.service, env=env))
+            server = stack.enter_context(start_bento_server(args.service, env=env))
             url, rss = server.url, server.rss_bytes
         idle_rss = rss()
         if args.warmup_seconds > 0:

@@ -34,23 +34,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import requests
 
-from benchmarks.common import (
-    DEFAULT_DATA,
-    DEFAULT_SERVICE,
-    BentoServer,
-    find_room_photos,
-    free_port,
-    parse_size,
-    write_jpegs,
-)
-from benchmarks.model_home import temporary_model_home
+from benchmarks.common import parse_size
+from testkit.image_host import nginx_serving
+from testkit.model_home import temporary_model_home
+from testkit.photos import DEFAULT_DATA, find_room_photos, write_jpegs
+from testkit.server import DEFAULT_SERVICE, start_bento_server
 
 WRK_DIR = Path(__file__).resolve().parent / "wrk"
 STAGE_METRIC = re.compile(r'^rc_stage_seconds_(sum|count)\{([^}]*)\}\s+([0-9.eE+-]+)$')
@@ -110,51 +105,7 @@ def bare_latency_ms(model_tag: str, files: Sequence[Path], seconds: float, ort_t
 
 
 # ----------------------------------------------------------------------------------------------------
-# Helpers on loopback: nginx as the image host, wrk as the load generator
-
-
-@contextmanager
-def nginx_host(root: Path) -> Iterator[str]:
-    """nginx serving `root` on a free 127.0.0.1 port (one worker, no access log); yields its base URL.
-
-    nginx's worker drops root privileges, so `root` is made world-readable (temporary folders are 0700).
-    """
-    root.chmod(0o755)
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
-        raise SystemExit("nginx not found: apt-get install nginx-light (or nginx)")
-    port = free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="rc-nginx-"))
-    temp_paths = "".join(f"{kind}_temp_path {workdir}/{kind};\n"
-                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    (workdir / "nginx.conf").write_text(f"""
-daemon off; worker_processes 1; pid {workdir}/nginx.pid; error_log stderr warn;
-events {{ worker_connections 256; }}
-http {{
-  access_log off; {temp_paths}
-  server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} }}
-}}
-""")
-    process = subprocess.Popen([nginx, "-c", str(workdir / "nginx.conf"), "-p", str(workdir)],
-                               stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(f"http://127.0.0.1:{port}/", process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def wait_for_port(url: str, process: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.RequestException:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
+# wrk as the load generator (the image host is testkit.image_host.nginx_serving)
 
 
 @dataclass
@@ -302,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["BENTOML_HOME"] = home  # the bare loops (spawned) read the same model copy
         photos = find_room_photos(args.data, args.photos)
         files = {size: write_jpegs(photos, parse_size(size), workdir / size) for size in sizes}
-        host = stack.enter_context(nginx_host(workdir))
+        host = stack.enter_context(nginx_serving(workdir))
         lists: dict[tuple[str, str], Path] = {}
         for size in sizes:
             lists[size, "upload"] = workdir / f"{size}.files"
@@ -320,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = {"BENTOML_HOME": home, "RC_URL_ALLOWLIST": "127.0.0.1/32"}
         rows: list[Row] = []
         started = time.perf_counter()
-        with BentoServer(args.service, env=env) as server:
+        with start_bento_server(args.service, env=env) as server:
             report["cold_start_s"] = round(time.perf_counter() - started, 2)
             print(f"service ready in {report['cold_start_s']} s", file=sys.stderr)
             for size in sizes:
@@ -335,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report["overload"] = [overload(server.url, lists, sizes[-1], rows, int(n), args.overload_seconds)
                                       for n in args.overload_connections.split(",")]
         if args.batching_off:
-            with BentoServer(args.service, env={**env, "RC_MAX_BATCH_SIZE": "1"}) as server:
+            with start_bento_server(args.service, env={**env, "RC_MAX_BATCH_SIZE": "1"}) as server:
                 for size in sizes:
                     for n in (1, 8):
                         rows.append(measure(server.url, (size, "upload", n, "off"), lists, args.seconds, bare))

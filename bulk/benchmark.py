@@ -36,8 +36,9 @@ from typing import Any, Sequence
 import numpy as np
 import psutil
 
-from benchmarks.common import DEFAULT_DATA, BentoServer, find_room_photos, process_tree_pss, process_tree_rss
-from benchmarks.model_home import run_with_home, temporary_model_home
+from testkit.model_home import run_with_home, temporary_model_home
+from testkit.photos import DEFAULT_DATA, find_room_photos
+from testkit.server import process_tree_pss, process_tree_rss, start_bento_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BATCH = 32
@@ -183,7 +184,7 @@ def service_rate(paths: Sequence[Path], clients: int) -> dict[str, Any]:
     """Images/s of the running service answering classify_batch requests of 16 uploads from `clients` clients."""
     from benchmarks.bench_service import run_load
 
-    with BentoServer() as server:
+    with start_bento_server() as server:
         run_load(server.url, paths, clients, SERVICE_IMAGES_PER_REQUEST, clients * 2, 60.0, "service warm-up")
         requests = math.ceil(len(paths) / SERVICE_IMAGES_PER_REQUEST)
         latencies, outcomes, seconds = run_load(server.url, paths, clients, SERVICE_IMAGES_PER_REQUEST, requests,

@@ -34,9 +34,14 @@ from PIL import Image
 from bulk.results import JobMismatch, JobSpec, PartWriter, WorkDir, consolidate
 from bulk.sources import SourceError, write_input_list
 from bulk.stages import result_schema
-from tests.conftest import REPO, ImageHost, Server, TinyModel, encode, real_photos, solid_jpeg, truncated
+from data_prep.common import CLASSES
+from testkit.image_host import ImageHost
+from testkit.images import encode, solid_jpeg, truncated
+from testkit.model_home import TinyModel
+from testkit.photos import real_photos
+from testkit.server import REPO_ROOT, BentoServer
 
-LABELS = ("bathroom", "bedroom", "kitchen", "living_room")
+LABELS = CLASSES
 COLOURS = {"red": ((255, 0, 0), "bedroom"), "green": ((0, 255, 0), "kitchen"), "blue": ((0, 0, 255), "bathroom"),
            "black": ((0, 0, 0), "living_room")}
 # The same RC_* settings as the `server` fixture: the job and the service must run the same configuration.
@@ -183,7 +188,8 @@ def bulk_command(source: Path, out: Path, *options: str) -> list[str]:
 
 def run_bulk(command: list[str], env: dict[str, str], watch: ProcessWatch | None = None) -> dict[str, Any]:
     """Run a job to its end; return its summary (fails the test with the job's stderr otherwise)."""
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     if watch is not None:
         watch.roots.add(process.pid)
     try:
@@ -261,7 +267,7 @@ def test_folder_job_ran_on_both_nodes_on_loopback(folder_job: dict[str, Any], ra
     assert not watch.listeners
 
 
-def test_bulk_answers_equal_the_service(folder_job: dict[str, Any], server: Server, photo_folder: Path) -> None:
+def test_bulk_answers_equal_the_service(folder_job: dict[str, Any], server: BentoServer, photo_folder: Path) -> None:
     """The same files through the running service (classify_batch) and through the bulk job."""
     rows = folder_job["rows"]
     paths = [Path(row["input"]) for row in rows]
@@ -311,7 +317,7 @@ def test_url_list_job_fetches_safely_and_keeps_every_input(url_job: dict[str, An
     assert url_job["summary"]["errors"] == {"fetch_failed": 2, "url_host_not_allowed": 1, "url_scheme_not_allowed": 1}
 
 
-def test_url_errors_equal_the_service(url_job: dict[str, Any], server: Server) -> None:
+def test_url_errors_equal_the_service(url_job: dict[str, Any], server: BentoServer) -> None:
     urls = [row for row in url_job["rows"] if "://" in row["input"]]
     with server.client() as client:
         answers = client.classify_batch(image_urls=[row["input"] for row in urls])["results"]
@@ -358,7 +364,7 @@ def test_killed_worker_then_killed_driver_then_resume_keeps_every_input_once(
     work = WorkDir(out)
     log = tmp_path / "driver.log"
     with log.open("w") as log_file:
-        driver = subprocess.Popen(command, cwd=REPO, env=job_env(tiny_model), stdout=log_file,
+        driver = subprocess.Popen(command, cwd=REPO_ROOT, env=job_env(tiny_model), stdout=log_file,
                                   stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: len(work.parts()) >= 1 or driver.poll() is not None, 180, "the first part")
@@ -488,10 +494,10 @@ def test_pending_inputs_skip_done_rows(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_two_thousand_real_photos_on_the_cluster_match_the_offline_model(ray_cluster: Any, tiny_model: TinyModel,
                                                                           tmp_path: Path) -> None:
-    from benchmarks.common import DEFAULT_DATA, find_room_photos
     from inference.config import ServiceConfig
     from inference.decode import decode_image
     from inference.model import OnnxClassifier
+    from testkit.photos import DEFAULT_DATA, find_room_photos
 
     photos = [str(path) for path in find_room_photos(DEFAULT_DATA, 2000)]
     source = tmp_path / "catalogue.csv"

@@ -94,7 +94,7 @@ def test_bentofile_leaves_out_data_venv_tests_training_and_build_output():
     lookalikes = [".venv/lib/python3.11/site-packages/bentoml/service.py", "tests/test_service.py",
                   "tests/inference/fixture.py", "training/export.py", "data_prep/service.py",
                   "artifacts/model.onnx", "artifacts/dataset/train/kitchen/a.jpg", "inference/__pycache__/x.pyc",
-                  "benchmarks/speed.py", "bentoml_home/models/room_classifier/x/model.onnx",
+                  "benchmarks/speed.py", "testkit/server.py", "bentoml_home/models/room_classifier/x/model.onnx",
                   "inference/model.onnx", "inference/notes.md", "inference/static/__pycache__/x.pyc"]
     assert included_by_bentofile(lookalikes) == set()
 
@@ -150,7 +150,7 @@ def build_settings() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def model_home(podman) -> Iterator[str]:
-    from benchmarks.model_home import temporary_model_home
+    from testkit.model_home import temporary_model_home
 
     with temporary_model_home(os.environ.get("RC_E2E_MODEL_HOME"),
                               os.environ.get("RC_E2E_MODEL_TAG", "room_classifier:latest")) as home:
@@ -177,7 +177,7 @@ def image(model_home) -> Iterator[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def container_url(image) -> Iterator[str]:
-    from benchmarks.common import free_port
+    from testkit.server import free_port
 
     name, port = f"rc-e2e-{uuid.uuid4().hex[:8]}", free_port()
     try:
@@ -192,9 +192,10 @@ def container_url(image) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def served_url(image, model_home, tmp_path_factory) -> Iterator[str]:
     """`bentoml serve <bento tag>` of the very bento in the image, from outside the repo."""
-    from benchmarks.common import BentoServer
+    from testkit.server import start_bento_server
 
-    with BentoServer(image[1], env={"BENTOML_HOME": model_home}, cwd=tmp_path_factory.mktemp("serve")) as server:
+    with start_bento_server(image[1], env={"BENTOML_HOME": model_home},
+                            cwd=tmp_path_factory.mktemp("serve")) as server:
         yield server.url
 
 
@@ -203,7 +204,7 @@ def photos(tmp_path_factory) -> list[Path]:
     """Real room photos re-encoded at 640x480 when the shared data is here, else plain-colour JPEGs and a PNG."""
     from PIL import Image
 
-    from benchmarks.common import DEFAULT_DATA, find_room_photos, write_jpegs
+    from testkit.photos import DEFAULT_DATA, find_room_photos, write_jpegs
 
     folder = tmp_path_factory.mktemp("photos")
     try:

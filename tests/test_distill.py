@@ -16,14 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import REAL_PHOTOS_DIR
+from data_prep.common import CLASSES
+from testkit.photos import REAL_PHOTOS_DIR
 from training.recipe import DistillationLoss
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / "shared" / "weights"
 TEACHER_FILE = WEIGHTS / "places365" / "wideresnet18_places365.pth.tar"
-CLASSES = ["bathroom", "bedroom", "kitchen", "living_room"]
-
 needs_teacher = pytest.mark.skipif(not TEACHER_FILE.is_file() or not REAL_PHOTOS_DIR.is_dir(),
                                    reason=f"{TEACHER_FILE} or real photos in {REAL_PHOTOS_DIR} absent "
                                           "(CI has ../shared beside the clone)")
@@ -37,7 +36,7 @@ def photos(label: str, count: int, start: int = 0) -> list[Path]:
 def teacher():
     from training.teacher import load_teacher
 
-    return load_teacher(CLASSES, WEIGHTS)
+    return load_teacher(list(CLASSES), WEIGHTS)
 
 
 def split_tree(root: Path, per_split: dict[str, int]) -> Path:

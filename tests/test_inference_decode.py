@@ -12,7 +12,7 @@ from PIL import Image
 from inference.config import ServiceConfig
 from inference.decode import ImageLimits, decode_image, high_bit_depth_to_l
 from inference.errors import InputError, http_status
-from tests.conftest import (
+from testkit.images import (
     animated_gif,
     encode,
     exif_rotated_jpeg,

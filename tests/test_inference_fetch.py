@@ -9,7 +9,6 @@ import ssl
 import subprocess
 import threading
 import time
-from http.server import ThreadingHTTPServer
 from typing import Any, Iterator
 
 import pytest
@@ -18,7 +17,8 @@ from inference import fetch
 from inference.config import ServiceConfig
 from inference.errors import InputError
 from inference.fetch import UrlPolicy, blocked_reason, fetch_url, parse_ip_literal, vet_url
-from tests.conftest import MISBEHAVE_FOR_S, ImageHost, make_handler, solid_jpeg
+from testkit.image_host import MISBEHAVE_FOR_S, ImageHost, serving_images
+from testkit.images import solid_jpeg
 
 PUBLIC = "93.184.216.34"
 DEFAULT_POLICY = ServiceConfig().url_policy()  # the service's defaults: no allow-list
@@ -259,18 +259,11 @@ def tls_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ImageHo
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True, timeout=60)
-    host = ImageHost(port=0)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(host))
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
-    httpd.socket = server_context.wrap_socket(httpd.socket, server_side=True)
-    httpd.daemon_threads = True
-    host.port = httpd.server_address[1]
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    host.add("red.jpg", solid_jpeg((255, 0, 0)))
-    yield host, ssl.create_default_context(cafile=str(cert))
-    httpd.shutdown()
-    httpd.server_close()
+    with serving_images(tls=server_context) as host:
+        host.add("red.jpg", solid_jpeg((255, 0, 0)))
+        yield host, ssl.create_default_context(cafile=str(cert))
 
 
 def test_https_is_fetched_and_an_https_to_http_redirect_is_refused(

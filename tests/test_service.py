@@ -24,14 +24,18 @@ from PIL import Image
 from inference.config import ServiceConfig
 from inference.decode import decode_image
 from inference.model import OnnxClassifier
-from tests.conftest import REPO, ImageHost, Server, TinyModel, encode, noisy_image, real_photos, solid_jpeg
+from testkit.image_host import ImageHost
+from testkit.images import encode, noisy_image, solid_jpeg
+from testkit.model_home import TinyModel
+from testkit.photos import real_photos
+from testkit.server import REPO_ROOT, BentoServer
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0)}
 SETTINGS = ServiceConfig.from_env({"RC_MAX_PIXELS": "30000000"})  # the test server's decoder limit
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> bentoml.SyncHTTPClient:
+def client(server: BentoServer) -> bentoml.SyncHTTPClient:
     with server.client() as generated:
         yield generated
 
@@ -121,7 +125,7 @@ def test_url_answer_equals_offline_answer(client: bentoml.SyncHTTPClient, offlin
     assert_same_answer(answer, expected(offline, data))
 
 
-def test_seed_json_request_still_works(server: Server, offline: OnnxClassifier, image_host: ImageHost) -> None:
+def test_seed_json_request_still_works(server: BentoServer, offline: OnnxClassifier, image_host: ImageHost) -> None:
     # Raw JSON on purpose: the generated client always sends multipart to an API with a file field,
     # and the seed's clients post {"image_url": ...} as JSON.
     data = solid_jpeg((0, 0, 255))
@@ -166,7 +170,7 @@ def test_several_images_in_one_request(client: bentoml.SyncHTTPClient, offline: 
     assert_same_answer(results[4]["result"], expected(offline, photos["black"].read_bytes(), top_k=2))
 
 
-def test_batches_larger_than_one_form_under_concurrent_load(server: Server, photos: dict[str, Path]) -> None:
+def test_batches_larger_than_one_form_under_concurrent_load(server: BentoServer, photos: dict[str, Path]) -> None:
     """The batcher merges requests that arrive while the model runs. With the tiny model a run is short, so
     whether two requests meet there depends on timing: up to three rounds of load, and one merge is enough."""
     before = batch_histogram(server)
@@ -194,7 +198,7 @@ def test_batches_larger_than_one_form_under_concurrent_load(server: Server, phot
     assert stats["largest_batch"] > 1
 
 
-def batch_histogram(server: Server) -> dict[str, float]:
+def batch_histogram(server: BentoServer) -> dict[str, float]:
     text = requests.get(server.url + "/metrics", timeout=10).text
     lines = [line for line in text.splitlines() if line.startswith("rc_batch_size")]
     count = sum(float(line.split()[-1]) for line in lines if line.startswith("rc_batch_size_count"))
@@ -227,7 +231,7 @@ def test_wrong_types_and_ranges(client: bentoml.SyncHTTPClient, photos: dict[str
     assert field in body["error"]["message"]
 
 
-def test_empty_and_malformed_bodies(server: Server) -> None:
+def test_empty_and_malformed_bodies(server: BentoServer) -> None:
     # Raw requests: the generated client cannot send these.
     cases = [(b"", "application/json", "missing_image"), (b"{", "application/json", "invalid_request"),
              (b"[1, 2]", "application/json", "invalid_request"), (b"null", "application/json", "invalid_request"),
@@ -263,7 +267,7 @@ def test_png_upload_with_jpg_name_is_classified_by_content(client: bentoml.SyncH
 def test_serving_code_never_imports_torch(tiny_model: TinyModel) -> None:
     code = "import sys, service; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
     env = {**os.environ, "BENTOML_HOME": str(tiny_model.home), "BENTOML_DO_NOT_TRACK": "true"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=120, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
 

@@ -16,7 +16,9 @@ import bentoml
 import pytest
 import requests
 
-from tests.conftest import REPO, ImageHost, Server, TinyModel, start_server, stop_server
+from testkit.image_host import ImageHost
+from testkit.model_home import TinyModel
+from testkit.server import REPO_ROOT, BentoServer, serve_model_home
 
 REGISTER_CORRUPT = """
 import sys
@@ -30,17 +32,16 @@ print(save_to_model_store(path, tiny_metadata()))
 
 
 @pytest.fixture(scope="module")
-def corrupt_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def corrupt_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoServer]:
     home = tmp_path_factory.mktemp("corrupt_home")
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    subprocess.run([sys.executable, "-c", REGISTER_CORRUPT, str(home / "model.onnx")], cwd=REPO, env=env,
+    subprocess.run([sys.executable, "-c", REGISTER_CORRUPT, str(home / "model.onnx")], cwd=REPO_ROOT, env=env,
                    check=True, capture_output=True, timeout=120)
-    server = start_server(home, home / "server.log", wait_ready=False)
-    yield server
-    stop_server(server)
+    with serve_model_home(home, home / "server.log", ready_path="/livez") as server:
+        yield server
 
 
-def test_corrupt_model_is_up_but_never_ready(corrupt_server: Server) -> None:
+def test_corrupt_model_is_up_but_never_ready(corrupt_server: BentoServer) -> None:
     for _ in range(4):
         assert requests.get(corrupt_server.url + "/livez", timeout=5).status_code == 200
         assert requests.get(corrupt_server.url + "/readyz", timeout=5).status_code == 503
@@ -51,7 +52,7 @@ def test_corrupt_model_is_up_but_never_ready(corrupt_server: Server) -> None:
     assert log.count("Service room_classifier initialized") == 1  # not restarting in a loop
 
 
-def test_corrupt_model_health_and_classify_say_why(corrupt_server: Server, tmp_path: Path) -> None:
+def test_corrupt_model_health_and_classify_say_why(corrupt_server: BentoServer, tmp_path: Path) -> None:
     health = requests.get(corrupt_server.url + "/health", timeout=10)
     assert health.status_code == 503, health.text
     assert health.json()["status"] == "unavailable" and "cannot load" in health.json()["error"], health.text
@@ -69,24 +70,24 @@ def test_missing_model_stops_serve_with_a_clear_message(tiny_model, tmp_path: Pa
     env = {**os.environ, "BENTOML_HOME": str(tiny_model.home), "BENTOML_DO_NOT_TRACK": "true",
            "RC_MODEL_TAG": "room_classifier:nosuchversion"}
     result = subprocess.run([sys.executable, "-m", "bentoml", "serve", "service:RoomClassifier", "--host",
-                             "127.0.0.1", "--port", "1"], cwd=REPO, env=env, capture_output=True, text=True,
+                             "127.0.0.1", "--port", "1"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode != 0
     assert "MODEL room_classifier:nosuchversion NOT FOUND" in result.stderr
 
 
 @pytest.fixture(scope="module")
-def impatient_server(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def impatient_server(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoServer]:
     """A 1 s request timeout, and URL fetches allowed to take much longer: the request timeout comes first."""
     folder = tmp_path_factory.mktemp("impatient")
-    server = start_server(tiny_model.home, folder / "server.log", RC_REQUEST_TIMEOUT_S="1",
-                          RC_URL_ALLOWLIST="localhost", RC_FETCH_TOTAL_TIMEOUT_S="8", RC_FETCH_READ_TIMEOUT_S="5")
-    yield server
-    stop_server(server)
+    with serve_model_home(tiny_model.home, folder / "server.log", RC_REQUEST_TIMEOUT_S="1",
+                          RC_URL_ALLOWLIST="localhost", RC_FETCH_TOTAL_TIMEOUT_S="8",
+                          RC_FETCH_READ_TIMEOUT_S="5") as server:
+        yield server
 
 
 @pytest.mark.parametrize("path, body", [("/classify", "image_url"), ("/classify_batch", "image_urls")])
-def test_request_timeout_answers_504_in_our_envelope(impatient_server: Server, image_host: ImageHost,
+def test_request_timeout_answers_504_in_our_envelope(impatient_server: BentoServer, image_host: ImageHost,
                                                      path: str, body: str) -> None:
     url = image_host.url("/slow")  # a byte every 0.3 s: only the total fetch timeout (8 s) would stop it
     started = time.monotonic()

@@ -17,18 +17,19 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from inference.errors import ERROR_STATUS
-from tests.conftest import Server, TinyModel, start_server, stop_server
+from testkit.model_home import TinyModel
+from testkit.server import BentoServer, serve_model_home
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(tiny_model.home, tmp_path_factory.mktemp("fuzz") / "server.log", RC_URL_FETCH="false")
-    yield server
-    stop_server(server)
+def fuzz_server(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoServer]:
+    with serve_model_home(tiny_model.home, tmp_path_factory.mktemp("fuzz") / "server.log",
+                          RC_URL_FETCH="false") as server:
+        yield server
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
-def test_generated_requests_never_get_a_server_error(fuzz_server: Server, mode: GenerationMode) -> None:
+def test_generated_requests_never_get_a_server_error(fuzz_server: BentoServer, mode: GenerationMode) -> None:
     # Schemathesis strategies under a plain Hypothesis @given: its pytest plugin's lazy-fixture loader
     # does not work with this pytest version (it touches a removed private attribute).
     schema = schemathesis.openapi.from_url(fuzz_server.url + "/docs.json")
@@ -52,6 +53,6 @@ def test_generated_requests_never_get_a_server_error(fuzz_server: Server, mode: 
     assert {"POST /classify", "POST /classify_batch"} <= exercised, seen
 
 
-def test_fuzzed_server_is_alive_and_logged_no_5xx(fuzz_server: Server) -> None:
+def test_fuzzed_server_is_alive_and_logged_no_5xx(fuzz_server: BentoServer) -> None:
     assert fuzz_server.alive()
     assert "status=50" not in fuzz_server.log()

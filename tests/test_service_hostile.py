@@ -1,7 +1,7 @@
 """Hostile inputs through the real server: nasty files, hostile URLs, malformed bodies, overload.
 
 Every refusal must be a 4xx (or 429/503 under load) JSON error with a stable code, never a 500, and the
-server must stay up. Files are built by the tests (tests/conftest.py); URLs only ever point at the
+server must stay up. Files are built by the tests (testkit/images.py); URLs only ever point at the
 loopback range, and the server's allow-list names only `localhost`, so every other spelling of the
 loopback address must be refused before any connection is made.
 """
@@ -20,14 +20,13 @@ import pytest
 import requests
 from PIL import Image
 
+from data_prep.common import CLASSES
 from inference.config import ServiceConfig
 from inference.decode import decode_image
 from inference.errors import ERROR_STATUS
 from inference.model import OnnxClassifier
-from tests.conftest import (
-    ImageHost,
-    Server,
-    TinyModel,
+from testkit.image_host import ImageHost
+from testkit.images import (
     animated_gif,
     encode,
     exif_rotated_jpeg,
@@ -40,18 +39,20 @@ from tests.conftest import (
     solid_jpeg,
     truncated,
 )
+from testkit.model_home import TinyModel
+from testkit.server import BentoServer
 
-LABELS = {"bathroom", "bedroom", "kitchen", "living_room"}
+LABELS = set(CLASSES)
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> bentoml.SyncHTTPClient:
+def client(server: BentoServer) -> bentoml.SyncHTTPClient:
     with server.client() as generated:
         yield generated
 
 
 @pytest.fixture(autouse=True)
-def server_survives(server: Server) -> None:
+def server_survives(server: BentoServer) -> None:
     yield
     assert server.alive(), server.log()[-3000:]
 
@@ -217,7 +218,7 @@ def test_allow_listed_host_works_through_redirects(client: bentoml.SyncHTTPClien
 # ---- hostile request bodies ----------------------------------------------------------------------------
 
 
-def test_file_field_given_a_url_is_not_fetched_by_bentoml(client: bentoml.SyncHTTPClient, server: Server,
+def test_file_field_given_a_url_is_not_fetched_by_bentoml(client: bentoml.SyncHTTPClient, server: BentoServer,
                                                           image_host: ImageHost) -> None:
     # BentoML's form parser downloads text values of file fields itself, bypassing every URL rule.
     # The generated client sends a URL string that way, so it can express this attack directly.
@@ -230,11 +231,11 @@ def test_file_field_given_a_url_is_not_fetched_by_bentoml(client: bentoml.SyncHT
     assert image_host.hits.get("/img/red.jpg", 0) == before
 
 
-def post(server: Server, path: str = "/classify", **kwargs: Any) -> requests.Response:
+def post(server: BentoServer, path: str = "/classify", **kwargs: Any) -> requests.Response:
     return requests.post(server.url + path, timeout=30, **kwargs)
 
 
-def test_request_body_limits(server: Server) -> None:
+def test_request_body_limits(server: BentoServer) -> None:
     too_big = b"x" * ((16 << 20) + 1)  # the test server's RC_MAX_REQUEST_BYTES is 16 MiB
     declared = post(server, data=too_big, headers={"Content-Type": "application/json"})
     streamed = post(server, data=iter([too_big[i:i + 65536] for i in range(0, len(too_big), 65536)]),
@@ -243,7 +244,7 @@ def test_request_body_limits(server: Server) -> None:
         assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
 
-def test_malformed_multipart_bodies(server: Server) -> None:
+def test_malformed_multipart_bodies(server: BentoServer) -> None:
     jpeg = solid_jpeg((255, 0, 0), (32, 32))
     cases = [
         {"files": {"image": ("a" * 240 + ".jpg", jpeg)}},  # would overflow BentoML's temp-file name
@@ -268,7 +269,7 @@ def test_too_many_images(client: bentoml.SyncHTTPClient, tmp_path: Path) -> None
     assert refusal(lambda: client.classify_batch(image_urls=["http://10.0.0.1/x.jpg"] * 17)) == (400, "too_many_images")
 
 
-def test_foreign_content_types_and_methods(server: Server) -> None:
+def test_foreign_content_types_and_methods(server: BentoServer) -> None:
     pickle = post(server, data=b"\x80\x04K\x01.", headers={"Content-Type": "application/vnd.bentoml+pickle"})
     assert pickle.status_code == 415 and pickle.json()["error"]["code"] == "unsupported_media_type"
     xml = post(server, data=b"<image_url>x</image_url>", headers={"Content-Type": "application/xml"})
@@ -280,7 +281,7 @@ def test_foreign_content_types_and_methods(server: Server) -> None:
 # ---- overload ------------------------------------------------------------------------------------------
 
 
-def test_overload_is_shed_at_once_with_retry_after(server: Server, image_host: ImageHost) -> None:
+def test_overload_is_shed_at_once_with_retry_after(server: BentoServer, image_host: ImageHost) -> None:
     limit = 24  # the test server's RC_MAX_CONCURRENCY; each slow URL holds a slot for the 2 s fetch timeout
     slow = {"image_url": image_host.url("/slow")}
     with ThreadPoolExecutor(max_workers=limit) as pool:
@@ -299,7 +300,7 @@ def test_overload_is_shed_at_once_with_retry_after(server: Server, image_host: I
     assert recovered.status_code == 200 and recovered.json()["class"] == "bedroom"
 
 
-def test_no_request_in_this_session_got_a_500(server: Server) -> None:
+def test_no_request_in_this_session_got_a_500(server: BentoServer) -> None:
     assert server.alive()
     log = server.log()
     assert "status=500" not in log and "status=502" not in log, [

@@ -15,13 +15,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from data_prep.common import CLASSES
 from training.metrics import calibration_bins, classification_report, fit_temperature
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 EXTRA = SHARED / "data" / "extra"
 WEIGHTS = SHARED / "weights"
-CLASSES = ("bathroom", "bedroom", "kitchen", "living_room")
 PER_CLASS_PER_SOURCE = 30
 
 needs_shared = pytest.mark.skipif(not (EXTRA.is_dir() and WEIGHTS.is_dir()), reason=f"{SHARED} (data, weights) absent")

@@ -27,17 +27,11 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from tests.conftest import (
-    ImageHost,
-    Server,
-    TinyModel,
-    encode,
-    noisy_image,
-    real_photos,
-    solid_jpeg,
-    start_server,
-    stop_server,
-)
+from testkit.image_host import ImageHost
+from testkit.images import encode, noisy_image, solid_jpeg
+from testkit.model_home import TinyModel
+from testkit.photos import real_photos
+from testkit.server import BentoServer, serve_model_home
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -58,7 +52,7 @@ def human(label: str) -> str:
 # Without a browser: the page's headers, /health, /docs
 
 
-def test_page_is_html_with_a_strict_content_security_policy(server: Server) -> None:
+def test_page_is_html_with_a_strict_content_security_policy(server: BentoServer) -> None:
     response = requests.get(server.url + "/", timeout=10)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert "<h1>Room Classifier</h1>" in response.text
@@ -74,7 +68,7 @@ def test_page_is_html_with_a_strict_content_security_policy(server: Server) -> N
     assert "http://" not in html and "https://" not in html.replace('placeholder="https://example.com', "")
 
 
-def test_page_files_are_served_with_nosniff_and_missing_ones_are_json_404(server: Server) -> None:
+def test_page_files_are_served_with_nosniff_and_missing_ones_are_json_404(server: BentoServer) -> None:
     for name, media_type in (("app.js", "text/javascript"), ("style.css", "text/css")):
         response = requests.get(f"{server.url}/web/{name}", timeout=10)
         assert response.status_code == 200 and response.headers["content-type"].startswith(media_type)
@@ -83,14 +77,14 @@ def test_page_files_are_served_with_nosniff_and_missing_ones_are_json_404(server
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 
-def test_health_still_answers_json_with_the_limits_the_page_reads(server: Server) -> None:
+def test_health_still_answers_json_with_the_limits_the_page_reads(server: BentoServer) -> None:
     response = requests.get(server.url + "/health", timeout=10)
     assert response.status_code == 200 and response.headers["content-type"] == "application/json"
     config = response.json()["config"]
     assert config["max_images_per_request"] == 16 and config["uncertain_threshold"] == 0.5
 
 
-def test_swagger_ui_is_served_at_docs_from_bentomls_own_assets(server: Server) -> None:
+def test_swagger_ui_is_served_at_docs_from_bentomls_own_assets(server: BentoServer) -> None:
     page = requests.get(server.url + "/docs", timeout=10)
     assert page.status_code == 200 and "swagger-ui" in page.text
     assert "googletagmanager" not in page.text and "https://" not in page.text  # nothing from outside
@@ -165,7 +159,7 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
 class PageSession:
     """One browser tab on the service's page, with what a test needs to drive it and read it."""
 
-    def __init__(self, page: Any, server: Server, screenshots: Path) -> None:
+    def __init__(self, page: Any, server: BentoServer, screenshots: Path) -> None:
         self.page = page
         self.server = server
         self.screenshots = screenshots
@@ -240,7 +234,8 @@ class PageSession:
 
 
 @contextlib.contextmanager
-def page_session(browser: Any, server: Server, screenshots: Path, viewport: dict[str, int]) -> Iterator[PageSession]:
+def page_session(browser: Any, server: BentoServer, screenshots: Path,
+                 viewport: dict[str, int]) -> Iterator[PageSession]:
     """A fresh tab in its own context (no state between tests) that must end without script errors."""
     context = browser.new_context(viewport=viewport, accept_downloads=True)
     try:
@@ -255,7 +250,7 @@ def page_session(browser: Any, server: Server, screenshots: Path, viewport: dict
 
 
 @pytest.fixture
-def web(browser: Any, server: Server, screenshots: Path, request: pytest.FixtureRequest) -> Iterator[PageSession]:
+def web(browser: Any, server: BentoServer, screenshots: Path, request: pytest.FixtureRequest) -> Iterator[PageSession]:
     """A tab on the main test server; desktop-sized unless parametrized with a viewport."""
     with page_session(browser, server, screenshots, getattr(request, "param", DESKTOP)) as session:
         yield session
@@ -263,14 +258,14 @@ def web(browser: Any, server: Server, screenshots: Path, request: pytest.Fixture
 
 @pytest.fixture(scope="module")
 def small_limits_server(browser: Any, tiny_model: TinyModel,
-                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[BentoServer]:
     """A server with small limits and a high threshold, for what the page learns from /health (after `browser`:
     no server is started where the browser tests are skipped)."""
-    srv = start_server(tiny_model.home, tmp_path_factory.mktemp("logs") / "web_small_limits.log",
-                       RC_MAX_IMAGES_PER_REQUEST="3", RC_UNCERTAIN_THRESHOLD="0.9",
-                       RC_MAX_IMAGE_BYTES=str(SMALL_IMAGE_LIMIT), RC_MAX_REQUEST_BYTES=str(SMALL_REQUEST_LIMIT))
-    yield srv
-    stop_server(srv)
+    with serve_model_home(tiny_model.home, tmp_path_factory.mktemp("logs") / "web_small_limits.log",
+                          RC_MAX_IMAGES_PER_REQUEST="3", RC_UNCERTAIN_THRESHOLD="0.9",
+                          RC_MAX_IMAGE_BYTES=str(SMALL_IMAGE_LIMIT),
+                          RC_MAX_REQUEST_BYTES=str(SMALL_REQUEST_LIMIT)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -469,7 +464,7 @@ def test_works_at_phone_width(web: PageSession, photos: list[Path]) -> None:
     web.shot("07-phone-375px")
 
 
-def test_page_follows_the_services_limits_and_threshold(browser: Any, small_limits_server: Server,
+def test_page_follows_the_services_limits_and_threshold(browser: Any, small_limits_server: BentoServer,
                                                        screenshots: Path, tmp_path: Path) -> None:
     """Limit 3 per request and threshold 0.9 come from /health: 7 photos go as 3 + 3 + 1, all "not sure"; an image
     over the byte limit gets its error in its batch, and a request over the body limit fails each of its photos."""

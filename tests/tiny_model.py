@@ -24,9 +24,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from data_prep.common import CLASSES
 from inference.preprocess import Preprocessing
 
-TINY_LABELS = ["bathroom", "bedroom", "kitchen", "living_room"]
+TINY_LABELS = list(CLASSES)
 TINY_TEMPERATURE = 1.5
 IMAGE_SIZE = 224
 # rows: one per label, columns: mean of the normalised R, G, B channels

@@ -1,38 +1,55 @@
-"""Temporary BentoML homes holding a `room_classifier` model, so load runs and container tests never touch
-the developer's own model store.
+"""Temporary BentoML homes holding a `room_classifier` model, so tests, load runs and container builds never
+touch the developer's own model store.
 
-BentoML fixes its home when it is imported, so models are registered by a subprocess that gets
-BENTOML_HOME in its environment.
+BentoML fixes its home when it is imported, so models are registered by a subprocess that gets BENTOML_HOME
+in its environment.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
-from benchmarks.common import REPO_ROOT
+from testkit.server import REPO_ROOT
 
 MODEL_NAME = "room_classifier"
 
 
-def run_with_home(home: Path | str, args: list[str]) -> str:
+@dataclass(frozen=True)
+class TinyModel:
+    """The tiny but real ONNX test model (tests/tiny_model.py) as registered in `home`."""
+
+    home: Path
+    tag: str
+    onnx_path: Path
+    metadata: dict[str, Any]
+
+
+def run_with_home(home: Path | str, args: list[str], timeout_s: float | None = None) -> str:
     """Run `python args...` from the repo root with BENTOML_HOME=home; return stdout, raise with stderr."""
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout_s)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed (BENTOML_HOME={home}):\n{result.stdout}\n{result.stderr}")
     return result.stdout
 
 
-def register_tiny_model(home: Path | str) -> str:
-    """Save the tiny but real ONNX test model (tests/tiny_model.py) into `home`; return its tag."""
-    return run_with_home(home, ["-m", "tests.tiny_model"]).strip().splitlines()[-1]
+def register_tiny_model_in(home: Path | str) -> TinyModel:
+    """Save the tiny test model into `home` (from a subprocess: this process's bentoml config is untouched)."""
+    data = json.loads(run_with_home(home, ["-m", "tests.tiny_model", "--json"], timeout_s=120).strip()
+                      .splitlines()[-1])
+    return TinyModel(home=Path(home), tag=data["tag"], onnx_path=Path(data["path"]) / "model.onnx",
+                     metadata=data["metadata"])
 
 
 def copy_model(source_home: Path | str, tag: str, target_home: Path | str) -> str:
@@ -53,7 +70,7 @@ def temporary_model_home(source_home: str | None = None, tag: str = f"{MODEL_NAM
         if source_home:
             copy_model(source_home, tag, home)
         else:
-            register_tiny_model(home)
+            register_tiny_model_in(home)
         yield home
     finally:
         shutil.rmtree(home, ignore_errors=True)
