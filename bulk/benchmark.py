@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import subprocess
@@ -29,12 +28,14 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import psutil
+from tqdm import tqdm
 
 from testkit.model_home import run_with_home, temporary_model_home
 from testkit.photos import DEFAULT_DATA, find_room_photos
@@ -182,17 +183,41 @@ def process_tree_cpu(pid: int) -> dict[int, float]:
 
 def service_rate(paths: Sequence[Path], clients: int) -> dict[str, Any]:
     """Images/s of the running service answering classify_batch requests of 16 uploads from `clients` clients."""
-    from benchmarks.bench_service import run_load
-
+    chunks = [list(paths[i:i + SERVICE_IMAGES_PER_REQUEST]) for i in range(0, len(paths), SERVICE_IMAGES_PER_REQUEST)]
     with start_bento_server() as server:
-        run_load(server.url, paths, clients, SERVICE_IMAGES_PER_REQUEST, clients * 2, 60.0, "service warm-up")
-        requests = math.ceil(len(paths) / SERVICE_IMAGES_PER_REQUEST)
-        latencies, outcomes, seconds = run_load(server.url, paths, clients, SERVICE_IMAGES_PER_REQUEST, requests,
-                                                 3600.0, "service")
-    images = outcomes.get("ok", 0) * SERVICE_IMAGES_PER_REQUEST
+        send_batches(server.url, chunks[:clients * 2], clients)  # warm-up: sessions, threads, first batches
+        outcomes, seconds = send_batches(server.url, chunks, clients)
+    images = sum(len(chunk) for chunk, outcome in zip(chunks, outcomes) if outcome == "ok")
+    errors: dict[str, int] = {}
+    for outcome in outcomes:
+        if outcome != "ok":
+            errors[outcome] = errors.get(outcome, 0) + 1
     return {"clients": clients, "images_per_request": SERVICE_IMAGES_PER_REQUEST, "images": images,
-            "errors": {k: v for k, v in outcomes.items() if k != "ok"}, "seconds": round(seconds, 2),
-            "images_per_s": round(images / seconds, 2)}
+            "errors": errors, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 2)}
+
+
+def send_batches(url: str, chunks: Sequence[list[Path]], clients: int) -> tuple[list[str], float]:
+    """Send each chunk as one classify_batch request through BentoML's generated client, `clients` at a time;
+    return each request's outcome ("ok" or its error code) and the wall time."""
+    import bentoml
+
+    from benchmarks.client_calls import classify_uploads, error_code_of
+
+    local = threading.local()
+
+    def send(chunk: list[Path]) -> str:
+        if not hasattr(local, "client"):
+            local.client = bentoml.SyncHTTPClient(url, timeout=120)
+        try:
+            classify_uploads(local.client, chunk)
+            return "ok"
+        except Exception as exc:  # noqa: BLE001 - every failure is counted by name, none stops the run
+            return error_code_of(exc)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        outcomes = list(tqdm(pool.map(send, chunks), total=len(chunks), desc="service", unit="request"))
+    return outcomes, time.perf_counter() - started
 
 
 # ----------------------------------------------------------------------------------------------------
