@@ -8,7 +8,7 @@ DATA ?= ../shared/data
 WEIGHTS ?= ../shared/weights
 OUT ?= artifacts
 PROFILE ?= default
-ARCH ?=  # empty: the profile's backbone (default: mobilenet_v2, quick: mobilenet_v3_small)
+ARCH ?=  # empty: the profile's backbone (`python -m training --help` lists both and the choices)
 # Distillation from CSAIL's Places365 network (weights in $(WEIGHTS)/places365), off until MobileNetV2 + KD is
 # measured on the full split: `make train KD="--kd-alpha 0.5 --kd-temperature 4"` turns it on (values from the
 # validation sweep, README "Distillation"). `make compare` always runs both.
@@ -42,7 +42,7 @@ train: setup
 	$(PY) -m training run --data $(OUT)/dataset --run-dir $(RUN_DIR) --profile $(PROFILE) $(if $(strip $(ARCH)),--arch $(ARCH)) --weights-dir $(WEIGHTS) --int8 $(KD)
 
 compare: setup
-	$(PY) -m training compare --data $(OUT)/dataset --run-dir runs/compare --weights-dir $(WEIGHTS) --archs mobilenet_v3_small mobilenet_v2 mobilenet_v3_large --distill both --kd-alpha 0.5 --kd-temperature 4
+	$(PY) -m training compare --data $(OUT)/dataset --run-dir runs/compare --weights-dir $(WEIGHTS) --distill both --kd-alpha 0.5 --kd-temperature 4
 
 bento: setup
 	$(VENV)/bin/bentoml build

@@ -178,3 +178,14 @@ def test_ece_is_zero_for_calibrated_and_large_for_overconfident() -> None:
     assert calibration_bins(calibrated, targets)["ece"] == pytest.approx(0.0, abs=1e-9)
     overconfident = np.tile([0.99, 0.01], (100, 1))
     assert calibration_bins(overconfident, targets)["ece"] == pytest.approx(0.19, abs=1e-6)
+
+
+def test_register_needs_no_dataset(trained: dict) -> None:
+    """`register` reads only the run folder: it runs without --data and adds a second version."""
+    result = run(["-m", "training", "register", "--run-dir", str(trained["run"])], trained["env"], timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    listing = run(["-m", "bentoml", "models", "list", "-o", "json"], trained["env"])
+    assert listing.returncode == 0, listing.stderr
+    tags = [model["tag"] for model in json.loads(listing.stdout)]
+    registered = json.loads((trained["run"] / "registered.json").read_text())["tag"]
+    assert len(tags) == 2 and registered in tags

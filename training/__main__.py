@@ -9,19 +9,24 @@ from pathlib import Path
 from training.backbones import BACKBONES, WeightsUnavailable, seed_hub_cache
 from training.recipe import DISTILL_CHOICES, KD_TEACHER_VIEWS, PROFILES, recipe_from_args
 
+STEPS = ("train", "export", "evaluate", "register", "run", "compare", "teacher")
+STEPS_READING_DATA = ("train", "export", "evaluate", "run", "compare", "teacher")  # `register` reads the run only
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
-    parser.add_argument("step", choices=["train", "export", "evaluate", "register", "run", "compare", "teacher"])
-    parser.add_argument("--data", type=Path, required=True, help="dataset folder written by data_prep")
+    parser.add_argument("step", choices=STEPS)
+    parser.add_argument("--data", type=Path,
+                        help=f"dataset folder written by data_prep (needed by {', '.join(STEPS_READING_DATA)})")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="where this run's files go")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
-    parser.add_argument("--arch", choices=sorted(BACKBONES), help="backbone (default: the profile's)")
-    parser.add_argument("--archs", nargs="+", default=["mobilenet_v3_small", "mobilenet_v2", "mobilenet_v3_large"],
-                        help="backbones for `compare`")
+    profile_archs = ", ".join(f"profile {name}: {recipe.arch}" for name, recipe in PROFILES.items())
+    parser.add_argument("--arch", choices=list(BACKBONES), help=f"backbone (default: the profile's; {profile_archs})")
+    parser.add_argument("--archs", nargs="+", choices=list(BACKBONES), default=list(BACKBONES), metavar="ARCH",
+                        help="backbones for `compare` (default: all of --arch's choices, in that order)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--views", type=int, help="cached views per training image (1 centre + augmented)")
-    parser.add_argument("--stem-blocks", type=int, help="freeze features[:N] (default: the architecture's cut)")
+    parser.add_argument("--stem-blocks", type=int, help="freeze the first N blocks (default: the architecture's cut)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--max-per-class", type=int)
     parser.add_argument("--weights-dir", type=Path, help="folder of torchvision *.pth files to seed the hub cache with")
@@ -45,7 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     kd.add_argument("--soft-target-dir", type=Path, help="soft-target cache (default: $TORCH_HOME/soft_targets)")
     kd.add_argument("--distill", choices=DISTILL_CHOICES, default="both", help="`compare`: students without/with KD")
     kd.add_argument("--no-teacher-row", action="store_true", help="`compare`: leave out the teacher's row")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.data is None and args.step in STEPS_READING_DATA:
+        parser.error(f"the {args.step} step needs --data DIR (the dataset folder written by data_prep)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

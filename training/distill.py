@@ -30,7 +30,7 @@ from training.soft_targets import (  # noqa: E402
     teacher_key,
     teacher_scene_logits,
 )
-from training.teacher import Places365Teacher, load_teacher, scene_names  # noqa: E402
+from training.teacher import TEACHER_PREPROCESSING, Places365Teacher, load_teacher, scene_names  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 AUDIT_CONFIDENCE = 0.9  # the teacher's probability (over our four rooms) for a class other than the label
@@ -195,7 +195,8 @@ def teacher_latency(teacher: Places365Teacher, out_dir: Path) -> tuple[dict[str,
     from training.export import export_onnx
     from training.latency import measure_latency_ms
 
+    size = TEACHER_PREPROCESSING.image_size
     started = time.perf_counter()
-    path = export_onnx(teacher.cpu().eval(), out_dir / "teacher.onnx", 224)
+    path = export_onnx(teacher.cpu().eval(), out_dir / "teacher.onnx", size)
     print(f"exported the teacher to {path} in {time.perf_counter() - started:.0f} s")
-    return measure_latency_ms(path, 224, repeats=5), path.stat().st_size
+    return measure_latency_ms(path, size, repeats=5), path.stat().st_size

@@ -18,7 +18,7 @@ import torch
 
 from inference.model import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
 from inference.preprocess import Preprocessing, preprocess_batch
-from training.backbones import StemTail, build_backbone
+from training.backbones import StemTail, build_stem_tail
 from training.data import dataset_fingerprint, discover_labels, list_samples, load_rgb
 from training.evaluate import evaluate, headline, write_report
 from training.export import OPSET, export_onnx, max_logit_difference
@@ -49,7 +49,7 @@ def train_step(data: Path, run_dir: Path, recipe: Recipe, resume: bool = False, 
 def load_trained(run_dir: Path) -> tuple[StemTail, dict[str, Any]]:
     checkpoint = torch.load(run_dir / "best.pt", weights_only=False)
     recipe = Recipe(**checkpoint["recipe"])
-    model = StemTail(build_backbone(recipe.arch, len(checkpoint["labels"]), pretrained=False), recipe.stem_cut())
+    model = build_stem_tail(recipe.arch, len(checkpoint["labels"]), pretrained=False, stem_blocks=recipe.stem_cut())
     model.load_state_dict(checkpoint["state"])
     return model.eval(), checkpoint
 

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from inference.preprocess import Preprocessing
-from training.backbones import BACKBONES, StemTail, build_backbone, freeze_batchnorm
+from training.backbones import StemTail, backbone, build_stem_tail, freeze_batchnorm
 from training.data import ImageDataset, Sample, class_weights, list_samples, train_augmentation
 from training.metrics import macro_f1
 
@@ -59,7 +59,7 @@ class Recipe:
     preprocessing: dict[str, Any] = field(default_factory=lambda: Preprocessing().to_dict())
 
     def stem_cut(self) -> int:
-        return self.stem_blocks if self.stem_blocks is not None else BACKBONES[self.arch].default_stem_blocks
+        return self.stem_blocks if self.stem_blocks is not None else backbone(self.arch).default_stem_blocks
 
 
 KD_TEACHER_VIEWS = ("centre", "all")
@@ -221,7 +221,7 @@ class Prepared:
 
 
 def build_model(recipe: Recipe, num_classes: int, device: torch.device) -> StemTail:
-    model = StemTail(build_backbone(recipe.arch, num_classes, recipe.pretrained), recipe.stem_cut())
+    model = build_stem_tail(recipe.arch, num_classes, recipe.pretrained, recipe.stem_cut())
     model = model.to(device, memory_format=torch.channels_last)
     model.eval()
     set_trainable(model.stem, False)
@@ -256,7 +256,7 @@ def prepare(model: StemTail, data_root: Path, labels: list[str], recipe: Recipe,
             print(f"dropped {dropped} training images a confident teacher disagrees with (label audit)")
     distilling = recipe.kd_alpha > 0
     print(f"{recipe.arch}: {len(train_samples)} train / {len(val_samples)} val images, "
-          f"stem = features[:{recipe.stem_cut()}], {recipe.views} cached views, device {device}"
+          f"stem = first {recipe.stem_cut()} blocks, {recipe.views} cached views, device {device}"
           + (f", distillation alpha {recipe.kd_alpha} T {recipe.kd_temperature} "
              f"teacher on {recipe.kd_teacher_views} view(s)" if distilling else ""))
     per_view_teacher = teacher_room_fn(teacher, device) if distilling and recipe.kd_teacher_views == "all" else None
@@ -316,7 +316,7 @@ def fit(model: StemTail, prepared: Prepared, recipe: Recipe, out_dir: Path, devi
         raise ValueError(f"{checkpoint_path} was written by another recipe; remove it or drop --resume")
 
     # Stage 1: head warm-up, the tail body frozen.
-    head = model.tail[-1]
+    head = model.head
     if state is None:
         set_trainable(model.tail, False)
         set_trainable(head, True)
@@ -330,8 +330,7 @@ def fit(model: StemTail, prepared: Prepared, recipe: Recipe, out_dir: Path, devi
 
     # Stage 2: fine-tune the whole tail.
     set_trainable(model.tail, True)
-    body = [p for name, p in model.tail.named_parameters() if not name.startswith(f"{len(model.tail) - 1}.")]
-    optimizer = torch.optim.AdamW([{"params": body, "lr": recipe.lr_tail},
+    optimizer = torch.optim.AdamW([{"params": model.tail_body_parameters(), "lr": recipe.lr_tail},
                                    {"params": head.parameters(), "lr": recipe.lr_tail * 3}],
                                   weight_decay=recipe.weight_decay)
     scheduler = warmup_then_cosine(optimizer, recipe.epochs * steps_per_epoch, max(steps_per_epoch, 5))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from inference.preprocess import Preprocessing
-from training.backbones import seed_hub_cache
+from training.backbones import BACKBONES, seed_hub_cache
 from training.data import discover_labels, list_samples
 from training.distill import audit_flags
 from training.evaluate import accuracy_by_source
@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--weights-dir", type=Path)
     parser.add_argument("--soft-target-dir", type=Path)
-    parser.add_argument("--arch", default="mobilenet_v2")
+    parser.add_argument("--arch", choices=list(BACKBONES), default=PROFILES["default"].arch)
     parser.add_argument("--max-per-class", type=int, default=200, help="training images per class")
     parser.add_argument("--val-max-per-class", type=int, help="validation images per class (default: all)")
     parser.add_argument("--grid", nargs="+", help="alpha:T settings (default: a small grid)")
