@@ -25,7 +25,7 @@ from PIL import Image
 
 from inference.config import ServiceConfig
 from inference.decode import ImageLimits
-from inference.errors import InputError, ServiceError
+from inference.errors import ErrorCode, InputError, ServiceError
 from inference.fetch import UrlPolicy, fetch_url
 from inference.model import ModelInfo
 from inference.postprocess import Prediction, postprocess
@@ -70,7 +70,7 @@ def read_input(text: str, settings: LoadSettings) -> bytes:
     """The bytes of one input: downloaded under the URL policy, or read from a file under the byte limit."""
     if is_url(text):
         if not settings.url_fetch:
-            raise InputError("url_fetch_disabled", "URL inputs are switched off (RC_URL_FETCH=false)")
+            raise InputError(ErrorCode.URL_FETCH_DISABLED, "URL inputs are switched off (RC_URL_FETCH=false)")
         return fetch_url(text, settings.url_policy)
     return read_file(Path(settings.base_dir) / text, settings.limits.max_bytes)
 
@@ -81,10 +81,11 @@ def read_file(path: Path, max_bytes: int) -> bytes:
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise InputError("image_too_large", f"the image is {size} bytes; the limit is {max_bytes} bytes")
+            raise InputError(ErrorCode.IMAGE_TOO_LARGE, f"the image is {size} bytes; the limit is {max_bytes} bytes")
         return path.read_bytes()
     except OSError as exc:
-        raise InputError("fetch_failed", f"cannot read {path} ({type(exc).__name__}: {exc.strerror or exc})") from None
+        raise InputError(ErrorCode.FETCH_FAILED,
+                         f"cannot read {path} ({type(exc).__name__}: {exc.strerror or exc})") from None
 
 
 def read_or_error(text: str, settings: LoadSettings) -> bytes | ServiceError:
@@ -93,7 +94,7 @@ def read_or_error(text: str, settings: LoadSettings) -> bytes | ServiceError:
     except ServiceError as exc:
         return exc
     except Exception as exc:  # noqa: BLE001 - one input's surprise must not fail the job
-        return ServiceError("internal_error", f"reading the input failed ({type(exc).__name__}: {exc})")
+        return ServiceError(ErrorCode.INTERNAL_ERROR, f"reading the input failed ({type(exc).__name__}: {exc})")
 
 
 def model_input_or_error(data: bytes | ServiceError, settings: LoadSettings) -> np.ndarray | ServiceError:
@@ -104,7 +105,7 @@ def model_input_or_error(data: bytes | ServiceError, settings: LoadSettings) -> 
     except ServiceError as exc:
         return exc
     except Exception as exc:  # noqa: BLE001
-        return ServiceError("internal_error", f"decoding the image failed ({type(exc).__name__}: {exc})")
+        return ServiceError(ErrorCode.INTERNAL_ERROR, f"decoding the image failed ({type(exc).__name__}: {exc})")
 
 
 def load_batch(batch: dict[str, np.ndarray], settings: LoadSettings, fetch_threads: int) -> dict[str, np.ndarray]:

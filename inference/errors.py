@@ -75,7 +75,7 @@ RETRY_LATER = frozenset({429, 503})  # the statuses that tell the client to come
 class ServiceError(Exception):
     """An answer other than a result: a stable `code` (see ERROR_STATUS) and a human `message`."""
 
-    def __init__(self, code: ErrorCode | str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         if code not in ERROR_STATUS:
             raise ValueError(f"unknown error code {code!r}: add it to ErrorCode")
         super().__init__(message)
