@@ -15,7 +15,7 @@ from typing import Any
 from training.backbones import WeightsUnavailable
 from training.data import dataset_fingerprint
 from training.pipeline import evaluate_step, export_step, load_trained, train_step
-from training.recipe import DISTILL_CHOICES, Recipe  # noqa: F401 (re-exported for callers)
+from training.recipe import DISTILL_CHOICES, KD_ALPHA, KD_TEMPERATURE, Recipe  # noqa: F401 (re-exported for callers)
 
 COLUMNS = ("arch", "kd", "val_accuracy", "test_accuracy", "test_macro_f1", "test_f1_living_room",
            "test_accuracy_house_rooms", "test_ece_after", "params_m", "onnx_mb", "ort_batch1_ms", "ort_batch16_ms",
@@ -87,8 +87,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def distill_variants(recipe: Recipe, distill: str) -> list[Recipe]:
-    """The recipe without and/or with distillation (a recipe without a KD weight gets the default 0.5)."""
-    with_kd = recipe if recipe.kd_alpha > 0 else replace(recipe, kd_alpha=0.5)
+    """The recipe without and/or with distillation (a recipe without a KD weight gets the chosen alpha and T)."""
+    with_kd = recipe if recipe.kd_alpha > 0 else replace(recipe, kd_alpha=KD_ALPHA, kd_temperature=KD_TEMPERATURE)
     without = replace(recipe, kd_alpha=0.0, drop_audited=False)
     return {"off": [without], "on": [with_kd], "both": [without, with_kd]}[distill]
 

@@ -1,4 +1,10 @@
-"""INT8 static quantization of the exported model with ONNX Runtime, calibrated on training images."""
+"""INT8 static quantization of the exported model with ONNX Runtime, calibrated on training images.
+
+Activation ranges come from the 99.99th percentile of each tensor's calibration histogram, not its min/max:
+one extreme activation no longer stretches the range and costs every other value its resolution. Chosen on
+validation (README, "Distillation"): the distilled MobileNetV2's INT8 file lost 0.87 points of val accuracy
+with min/max ranges and 0.13 with percentile ranges; the graph, and so the speed, is the same.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
+
+CALIBRATION_PERCENTILE = 99.99
 
 
 class ArrayReader(CalibrationDataReader):
@@ -20,11 +35,14 @@ class ArrayReader(CalibrationDataReader):
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray, input_name: str = "input") -> Path:
-    """QDQ, per-channel int8 weights, uint8 activations; shape inference first, as ONNX Runtime advises."""
+    """QDQ, per-channel int8 weights, uint8 activations with percentile ranges; shape inference first, as
+    ONNX Runtime advises."""
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
         quantize_static(str(prepared), str(int8_path), ArrayReader(input_name, calibration_images),
                         quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.Percentile,
+                        extra_options={"CalibPercentile": CALIBRATION_PERCENTILE})
     return int8_path

@@ -66,8 +66,13 @@ KD_TEACHER_VIEWS = ("centre", "all")
 DISTILL_CHOICES = ("off", "on", "both")  # `compare`: students without and/or with the teacher
 
 
+# Distillation as chosen on validation (`python -m training.sweep_kd`, README "Distillation"): the default
+# profile distils; the quick profile is a smoke run that needs no teacher file.
+KD_ALPHA = 0.5
+KD_TEMPERATURE = 4.0
+
 PROFILES: dict[str, Recipe] = {
-    "default": Recipe(),
+    "default": Recipe(kd_alpha=KD_ALPHA, kd_temperature=KD_TEMPERATURE),
     "quick": Recipe(arch="mobilenet_v3_small", views=2, warmup_epochs=3, epochs=8, max_per_class=60, patience=4),
 }
 

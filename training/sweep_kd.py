@@ -77,7 +77,7 @@ def main() -> None:
     if args.weights_dir is not None:
         seed_hub_cache(args.weights_dir)
     labels = discover_labels(args.data)
-    base = replace(PROFILES["default"], arch=args.arch, max_per_class=args.max_per_class, kd_alpha=0.5,
+    base = replace(PROFILES["default"], arch=args.arch, max_per_class=args.max_per_class,
                    kd_teacher_views="centre" if args.no_teacher_views else "all")
     seed_everything(base.seed)
     device = pick_device()
