@@ -5,12 +5,11 @@
 "use strict";
 
 (function () {
-  const DEFAULT_MAX_PER_REQUEST = 16; // the service's default RC_MAX_IMAGES_PER_REQUEST; /health says the real one
   const CSV_NAME = "room-classes.csv";
 
   const state = {
     labels: [], // the model's labels, in the model's order: the order of the bars and of the CSV columns
-    maxPerRequest: DEFAULT_MAX_PER_REQUEST,
+    maxPerRequest: 1, // until /health gives RC_MAX_IMAGES_PER_REQUEST: one photo a request is always within it
     entries: [], // one per photo: {name, source, file, url, card, objectUrl, result, error}
     busy: 0,
   };
