@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -188,10 +189,7 @@ def service_rate(paths: Sequence[Path], clients: int) -> dict[str, Any]:
         send_batches(server.url, chunks[:clients * 2], clients)  # warm-up: sessions, threads, first batches
         outcomes, seconds = send_batches(server.url, chunks, clients)
     images = sum(len(chunk) for chunk, outcome in zip(chunks, outcomes) if outcome == "ok")
-    errors: dict[str, int] = {}
-    for outcome in outcomes:
-        if outcome != "ok":
-            errors[outcome] = errors.get(outcome, 0) + 1
+    errors = dict(Counter(outcome for outcome in outcomes if outcome != "ok"))
     return {"clients": clients, "images_per_request": SERVICE_IMAGES_PER_REQUEST, "images": images,
             "errors": errors, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 2)}
 
