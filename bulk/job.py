@@ -39,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PACKAGES = ("bulk", "inference")  # what remote workers import, sent along by Ray (py_modules)
 FORMATS = ("parquet", "csv")
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": every Ray address is 127.0.0.1
+ACTOR_START_TIMEOUT_S = 600  # model actors waiting for a node (autoscaling clusters add one within minutes)
 logger = logging.getLogger("bulk")
 
 
@@ -172,7 +173,12 @@ def classified_batches(blocks: list, bundle_ref: Any, settings: LoadSettings, th
                        resources: Resources, options: JobOptions) -> Iterator[pa.Table]:
     import ray
 
-    ray.data.DataContext.get_current().target_max_block_size = decoded_block_bytes(settings, options.batch_size)
+    context = ray.data.DataContext.get_current()
+    context.target_max_block_size = decoded_block_bytes(settings, options.batch_size)
+    # Every model actor is up (one per node first, SPREAD) before the first batch is sent, so a short job
+    # still uses every node; a cluster that cannot host the pool fails with Ray's "Timed out while starting
+    # actors" instead of waiting forever.
+    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     dataset = ray.data.from_arrow_refs(blocks).map_batches(
         load_batch, fn_kwargs={"settings": settings, "fetch_threads": options.fetch_threads},
         batch_size=options.batch_size, batch_format="numpy", num_cpus=options.load_cpus,

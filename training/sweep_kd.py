@@ -46,12 +46,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weights-dir", type=Path)
     parser.add_argument("--soft-target-dir", type=Path)
     parser.add_argument("--arch", choices=list(BACKBONES), default=PROFILES["default"].arch)
-    parser.add_argument("--max-per-class", type=int, default=200, help="training images per class")
+    parser.add_argument("--max-per-class", type=int, default=200, help="training images per class (0: all)")
     parser.add_argument("--val-max-per-class", type=int, help="validation images per class (default: all)")
-    parser.add_argument("--grid", nargs="+", help="alpha:T settings (default: a small grid)")
+    parser.add_argument("--grid", nargs="+", help="alpha:T or alpha:T:all settings (default: a small grid; "
+                                                   "':all' runs the teacher on every augmented view)")
+    parser.add_argument("--no-follow-ups", action="store_true",
+                        help="only the --grid settings: skip the best setting's all-views and audit-drop runs")
     parser.add_argument("--no-teacher-views", action="store_true", help="skip the teacher-on-augmented-views setting")
     parser.add_argument("--out", type=Path, default=Path("runs/kd_sweep"))
     return parser.parse_args()
+
+
+def parse_setting(item: str) -> tuple[float, float, str]:
+    """'alpha:T' (teacher on the centre view) or 'alpha:T:all' (teacher on every augmented view)."""
+    alpha, temperature, *views = item.split(":")
+    return float(alpha), float(temperature), (views[0] if views else "centre")
 
 
 def subset(prepared: Prepared, keep: np.ndarray) -> Prepared:
@@ -77,8 +86,10 @@ def main() -> None:
     if args.weights_dir is not None:
         seed_hub_cache(args.weights_dir)
     labels = discover_labels(args.data)
-    base = replace(PROFILES["default"], arch=args.arch, max_per_class=args.max_per_class,
-                   kd_teacher_views="centre" if args.no_teacher_views else "all")
+    grid = [parse_setting(item) for item in args.grid] if args.grid else [(a, t, "centre") for a, t in GRID]
+    needs_all_views = not args.no_teacher_views or any(views == "all" for _, _, views in grid)
+    base = replace(PROFILES["default"], arch=args.arch, max_per_class=args.max_per_class or None,
+                   kd_teacher_views="all" if needs_all_views else "centre")
     seed_everything(base.seed)
     device = pick_device()
     started = time.perf_counter()
@@ -93,9 +104,8 @@ def main() -> None:
     print(f"caches ready in {cache_minutes:.1f} min: {len(prepared.train_samples)} train, {len(val_samples)} val")
     centre_only = replace(prepared, teacher_logits=prepared.teacher_logits[:1])
 
-    grid = [tuple(float(v) for v in item.split(":")) for item in args.grid] if args.grid else GRID
-    settings = [(f"alpha {a} T {t} centre", replace(base, kd_alpha=a, kd_temperature=t, kd_teacher_views="centre"),
-                 centre_only) for a, t in grid]
+    settings = [(f"alpha {a} T {t} {views}", replace(base, kd_alpha=a, kd_temperature=t, kd_teacher_views=views),
+                 prepared if views == "all" else centre_only) for a, t, views in grid]
     results = []
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -114,6 +124,9 @@ def main() -> None:
 
     for name, recipe, data in settings:
         run(name, recipe, data)
+    if args.no_follow_ups:
+        write_report(args, prepared, val_samples, cache_minutes, results)
+        return
     kd_results = [r for r in results if r["kd_alpha"] > 0]
     best = max(kd_results, key=lambda r: (r["val_accuracy"], r["val_macro_f1"]))
     best_recipe = replace(base, kd_alpha=best["kd_alpha"], kd_temperature=best["kd_temperature"])
@@ -123,7 +136,11 @@ def main() -> None:
     keep = ~audit_flags(centre_only.teacher_logits[0].numpy(), np.array([s.label for s in prepared.train_samples]))
     run(f"alpha {best['kd_alpha']} T {best['kd_temperature']} centre, audit-flagged dropped ({int((~keep).sum())})",
         replace(best_recipe, kd_teacher_views="centre", drop_audited=True), subset(centre_only, keep))
+    write_report(args, prepared, val_samples, cache_minutes, results)
 
+
+def write_report(args: argparse.Namespace, prepared: Prepared, val_samples: list, cache_minutes: float,
+                 results: list[dict]) -> None:
     sources = sorted({s for r in results for s in r["val_accuracy_by_source"]})
     lines = [f"# Distillation sweep ({args.arch}, {len(prepared.train_samples)} training images, "
              f"{len(val_samples)} validation images; chosen on validation)", "",
