@@ -39,8 +39,8 @@ from training.metrics import macro_f1
 class Recipe:
     arch: str = "mobilenet_v2"  # the most accurate backbone within the time budget here (runs/compare)
     stem_blocks: int | None = None  # None: the architecture's default cut
-    # cached views per training image: 1 centre + (views - 1) augmented. 8, not 4: with 4 the tail overfits
-    # its few views after ~6 epochs; with 8 validation still rises at the last epoch (README "Distillation")
+    # cached views per training image: 1 centre + (views - 1) augmented. 8 is the served model's recipe;
+    # validation does not tell it from 4 (two runs each, README "Distillation"), at ~7 more minutes a run
     views: int = 8
     warmup_epochs: int = 4
     epochs: int = 12
