@@ -26,6 +26,7 @@ from training.distill import audit_flags
 from training.evaluate import accuracy_by_source
 from training.metrics import classification_report
 from training.recipe import (
+    KD_TEACHER_VIEWS,
     PROFILES,
     Prepared,
     build_model,
@@ -48,8 +49,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--arch", choices=list(BACKBONES), default=PROFILES["default"].arch)
     parser.add_argument("--max-per-class", type=int, default=200, help="training images per class (0: all)")
     parser.add_argument("--val-max-per-class", type=int, help="validation images per class (default: all)")
-    parser.add_argument("--grid", nargs="+", help="alpha:T or alpha:T:all settings (default: a small grid; "
-                                                   "':all' runs the teacher on every augmented view)")
+    parser.add_argument("--grid", nargs="+", type=parse_setting,
+                        help="alpha:T or alpha:T:all settings (default: a small grid; "
+                             "':all' runs the teacher on every augmented view)")
     parser.add_argument("--no-follow-ups", action="store_true",
                         help="only the --grid settings: skip the best setting's all-views and audit-drop runs")
     parser.add_argument("--no-teacher-views", action="store_true", help="skip the teacher-on-augmented-views setting")
@@ -60,7 +62,10 @@ def parse_args() -> argparse.Namespace:
 def parse_setting(item: str) -> tuple[float, float, str]:
     """'alpha:T' (teacher on the centre view) or 'alpha:T:all' (teacher on every augmented view)."""
     alpha, temperature, *views = item.split(":")
-    return float(alpha), float(temperature), (views[0] if views else "centre")
+    teacher_views = views[0] if views else "centre"
+    if len(views) > 1 or teacher_views not in KD_TEACHER_VIEWS:
+        raise argparse.ArgumentTypeError(f"{item!r}: expected alpha:T or alpha:T:all")
+    return float(alpha), float(temperature), teacher_views
 
 
 def subset(prepared: Prepared, keep: np.ndarray) -> Prepared:
@@ -86,7 +91,7 @@ def main() -> None:
     if args.weights_dir is not None:
         seed_hub_cache(args.weights_dir)
     labels = discover_labels(args.data)
-    grid = [parse_setting(item) for item in args.grid] if args.grid else [(a, t, "centre") for a, t in GRID]
+    grid = args.grid or [(a, t, "centre") for a, t in GRID]
     needs_all_views = not args.no_teacher_views or any(views == "all" for _, _, views in grid)
     base = replace(PROFILES["default"], arch=args.arch, max_per_class=args.max_per_class or None,
                    kd_teacher_views="all" if needs_all_views else "centre")
@@ -124,23 +129,23 @@ def main() -> None:
 
     for name, recipe, data in settings:
         run(name, recipe, data)
-    if args.no_follow_ups:
-        write_report(args, prepared, val_samples, cache_minutes, results)
-        return
-    kd_results = [r for r in results if r["kd_alpha"] > 0]
-    best = max(kd_results, key=lambda r: (r["val_accuracy"], r["val_macro_f1"]))
-    best_recipe = replace(base, kd_alpha=best["kd_alpha"], kd_temperature=best["kd_temperature"])
-    if not args.no_teacher_views:
-        run(f"alpha {best['kd_alpha']} T {best['kd_temperature']} all views",
-            replace(best_recipe, kd_teacher_views="all"), prepared)
-    keep = ~audit_flags(centre_only.teacher_logits[0].numpy(), np.array([s.label for s in prepared.train_samples]))
-    run(f"alpha {best['kd_alpha']} T {best['kd_temperature']} centre, audit-flagged dropped ({int((~keep).sum())})",
-        replace(best_recipe, kd_teacher_views="centre", drop_audited=True), subset(centre_only, keep))
-    write_report(args, prepared, val_samples, cache_minutes, results)
+    if not args.no_follow_ups:  # the best grid setting with the teacher on every view, then without audited photos
+        kd_results = [r for r in results if r["kd_alpha"] > 0]
+        best = max(kd_results, key=lambda r: (r["val_accuracy"], r["val_macro_f1"]))
+        best_recipe = replace(base, kd_alpha=best["kd_alpha"], kd_temperature=best["kd_temperature"])
+        if not args.no_teacher_views:
+            run(f"alpha {best['kd_alpha']} T {best['kd_temperature']} all views",
+                replace(best_recipe, kd_teacher_views="all"), prepared)
+        keep = ~audit_flags(centre_only.teacher_logits[0].numpy(),
+                            np.array([s.label for s in prepared.train_samples]))
+        run(f"alpha {best['kd_alpha']} T {best['kd_temperature']} centre, audit-flagged dropped "
+            f"({int((~keep).sum())})",
+            replace(best_recipe, kd_teacher_views="centre", drop_audited=True), subset(centre_only, keep))
+    write_report(args, prepared, cache_minutes, results)
 
 
-def write_report(args: argparse.Namespace, prepared: Prepared, val_samples: list, cache_minutes: float,
-                 results: list[dict]) -> None:
+def write_report(args: argparse.Namespace, prepared: Prepared, cache_minutes: float, results: list[dict]) -> None:
+    val_samples = prepared.val_samples
     sources = sorted({s for r in results for s in r["val_accuracy_by_source"]})
     lines = [f"# Distillation sweep ({args.arch}, {len(prepared.train_samples)} training images, "
              f"{len(val_samples)} validation images; chosen on validation)", "",
