@@ -206,6 +206,50 @@ def test_kd_loss_refuses_nonsense_settings() -> None:
         DistillationLoss(nn.CrossEntropyLoss(), 1.5, 2.0)
     with pytest.raises(ValueError):
         DistillationLoss(nn.CrossEntropyLoss(), 0.5, 0.0)
+    with pytest.raises(ValueError):
+        DistillationLoss(nn.CrossEntropyLoss(), 0.5, 2.0, scene_weight=-1.0)
+
+
+def test_scene_term_adds_a_hand_computed_kl_over_all_365_scenes() -> None:
+    rng = np.random.default_rng(0)
+    student, teacher = rng.normal(size=(3, 4)), rng.normal(size=(3, 4)) * 2
+    student_scenes, teacher_scenes = rng.normal(size=(3, 365)), rng.normal(size=(3, 365)) * 3
+    targets = np.array([0, 3, 1])
+    alpha, t, weight = 0.5, 4.0, 0.3
+
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+    def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+        log_p, log_q = log_softmax(p_logits / t), log_softmax(q_logits / t)
+        return float((np.exp(log_p) * (log_p - log_q)).sum(axis=1).mean())
+
+    ce = -log_softmax(student)[np.arange(3), targets].mean()
+    expected = alpha * t * t * kl(teacher, student) + (1 - alpha) * ce + weight * t * t * kl(teacher_scenes,
+                                                                                            student_scenes)
+    tensors = [torch.tensor(x) for x in (student, targets, teacher, student_scenes, teacher_scenes)]
+    with_scenes = DistillationLoss(nn.CrossEntropyLoss(), alpha, t, scene_weight=weight)
+    assert float(with_scenes(*tensors)) == pytest.approx(expected, rel=1e-9)
+    # Weight 0 (the default) is the room-only loss, whatever scene logits are passed.
+    room_only = DistillationLoss(nn.CrossEntropyLoss(), alpha, t)
+    assert torch.equal(room_only(*tensors), room_only(*tensors[:3]))
+
+
+def test_scene_head_reads_the_pooled_features_and_leaves_the_class_logits_alone() -> None:
+    """The auxiliary head only adds an output: the class logits (what is exported) are the tail's own."""
+    from training.backbones import build_stem_tail
+    from training.recipe import scene_head_for, tail_outputs
+
+    torch.manual_seed(0)
+    model = build_stem_tail("mobilenet_v2", 4, pretrained=False).eval()
+    head = scene_head_for(model)
+    assert (head.in_features, head.out_features) == (1280, 365)
+    features = model.stem(torch.randn(2, 3, 96, 96))
+    logits, scenes = tail_outputs(model.tail, features, head)
+    assert torch.equal(logits, model.tail(features)) and scenes.shape == (2, 365)
+    assert tail_outputs(model.tail, features, None)[1] is None
+    assert not any("scene" in key for key in model.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,3 +303,30 @@ def test_compare_has_the_teacher_row_a_distilled_student_and_the_audit(tmp_path:
     again = compare(data, tmp_path / "compare", ["mobilenet_v3_small"], recipe, "on", **{**arguments, "teacher": False})
     assert again == [student_row]
     assert (tmp_path / "compare" / "mobilenet_v3_small-kd" / "best.pt").stat().st_mtime_ns == before
+
+
+@needs_teacher
+def test_training_with_the_scene_term_resumes_and_exports_only_the_student(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real recipe with the 365-scene term on a tiny real split: the auxiliary head trains beside the
+    student, goes into the resume checkpoint, and never into the model that is exported."""
+    from dataclasses import replace
+
+    from training.backbones import seed_hub_cache
+    from training.recipe import PROFILES, train
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    seed_hub_cache(WEIGHTS)
+    data = split_tree(tmp_path / "data", {"train": 3, "val": 2})
+    recipe = replace(PROFILES["quick"], warmup_epochs=1, epochs=2, views=2, kd_alpha=0.5, kd_temperature=4.0,
+                     kd_scene_weight=0.5)
+    arguments = dict(weights_dir=WEIGHTS, soft_target_dir=tmp_path / "cache")
+    model, history = train(data, list(CLASSES), recipe, tmp_path / "run", **arguments)
+
+    assert [epoch["stage"] for epoch in history["epochs"]] == ["warmup", "finetune", "finetune"]
+    assert all(np.isfinite(epoch["train_loss"]) for epoch in history["epochs"])
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["scene_head"]["weight"].shape == (365, 576)  # MobileNetV3-Small's pooled features
+    assert not any("scene" in key for key in model.state_dict())
+    resumed, _ = train(data, list(CLASSES), recipe, tmp_path / "run", resume=True, **arguments)
+    assert resumed.state_dict().keys() == model.state_dict().keys()

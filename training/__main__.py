@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     kd.add_argument("--kd-teacher-views", choices=KD_TEACHER_VIEWS,
                     help="centre: the cached centre-view soft targets serve every view; all: the teacher also sees "
                          "each augmented view (about 3x the teacher cost, not cached)")
+    kd.add_argument("--kd-scene-weight", type=float,
+                    help="weight of the all-365-scenes term (an auxiliary head, not exported; 0 = off)")
     kd.add_argument("--drop-audited", action="store_true",
                     help="drop training images a confident teacher disagrees with (off unless validation says so)")
     kd.add_argument("--soft-target-dir", type=Path, help="soft-target cache (default: $TORCH_HOME/soft_targets)")
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                               stem_blocks=args.stem_blocks, seed=args.seed, max_per_class=args.max_per_class,
                               pretrained=False if args.random_init else None,
                               kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature,
-                              kd_teacher_views=args.kd_teacher_views, drop_audited=True if args.drop_audited else None)
+                              kd_teacher_views=args.kd_teacher_views, kd_scene_weight=args.kd_scene_weight,
+                              drop_audited=True if args.drop_audited else None)
     teacher_args = {"weights_dir": args.weights_dir, "soft_target_dir": args.soft_target_dir}
     try:
         if args.step == "train":

@@ -41,12 +41,11 @@ def load_teacher_for(labels: list[str], weights_dir: Path | None) -> Places365Te
     return load_teacher(labels, weights_dir)
 
 
-def centre_room_logits(teacher: Places365Teacher, data_root: Path, samples: list[Sample],
-                       cache_dir: Path | None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """[N, classes] room logits of `samples` from the soft-target cache (computed there once)."""
-    scenes, cost = teacher_scene_logits(teacher, samples, cache_dir or default_cache_dir(),
-                                        dataset_fingerprint(data_root), desc="teacher soft targets, train")
-    return torch.from_numpy(room_logits(scenes, teacher)).float(), cost
+def centre_scene_logits(teacher: Places365Teacher, data_root: Path, samples: list[Sample],
+                        cache_dir: Path | None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """[N, 365] Places logits of `samples` from the soft-target cache (computed there once)."""
+    return teacher_scene_logits(teacher, samples, cache_dir or default_cache_dir(), dataset_fingerprint(data_root),
+                                desc="teacher soft targets, train")
 
 
 def teacher_room_fn(teacher: Places365Teacher | None, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:

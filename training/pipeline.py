@@ -101,7 +101,9 @@ def evaluate_step(data: Path, run_dir: Path, int8: bool = False) -> dict[str, An
     if checkpoint["recipe"].get("kd_alpha", 0) > 0:
         kd = checkpoint["recipe"]
         extra["distillation"] = (f"Places365 teacher, alpha {kd['kd_alpha']}, T {kd['kd_temperature']}, "
-                                 f"teacher on {kd['kd_teacher_views']} view(s)")
+                                 f"teacher on {kd['kd_teacher_views']} view(s)"
+                                 + (f", all-scenes weight {kd['kd_scene_weight']}"
+                                    if kd.get("kd_scene_weight") else ""))
     audit = checkpoint["history"].get("label_audit")
     if audit:
         extra["label_audit"] = f"{audit['flagged']} photos flagged, see ../report/label_audit.md"

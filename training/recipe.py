@@ -9,6 +9,9 @@
 
 With `kd_alpha > 0` both stages learn from the Places365 teacher too (knowledge distillation, Hinton et al.
 2015): loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(label).
+With `kd_scene_weight > 0` an auxiliary head on the tail's pooled features also learns the teacher's full
+365-scene distribution (+ weight * T^2 * KL over all Places scenes): "dining room" or "hotel room" tells the
+student more than four room logits do. That head exists only in training; the exported network is unchanged.
 The teacher's logits come from the on-disk soft-target cache (training/soft_targets.py), computed once.
 """
 
@@ -55,6 +58,7 @@ class Recipe:
     kd_alpha: float = 0.0  # weight of the distillation term; 0 = no teacher, plain cross-entropy
     kd_temperature: float = 2.0
     kd_teacher_views: str = "centre"  # "centre": one teacher pass per image serves every view; "all": teacher per view
+    kd_scene_weight: float = 0.0  # weight of the all-365-scenes term (auxiliary head, not exported); 0 = off
     drop_audited: bool = False  # drop training images a confident teacher disagrees with (label audit)
     workers: int = 2
     pretrained: bool = True
@@ -141,28 +145,56 @@ def predict_tail(tail: nn.Module, features: torch.Tensor, batch_size: int, devic
     return torch.cat(logits).numpy()
 
 
-class DistillationLoss(nn.Module):
-    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(label).
+def softened_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch. T^2 keeps the
+    gradients on the scale of a cross-entropy's whatever T is (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * t * t
 
-    The CE part is the recipe's own (class weights, label smoothing). T^2 keeps the soft term's gradients
-    on the scale of the hard term's whatever T is (Hinton et al.). At alpha = 0 it is exactly the CE.
+
+class DistillationLoss(nn.Module):
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(label) [+ scene_weight * T^2 * KL(scenes)].
+
+    The CE part is the recipe's own (class weights, label smoothing). At alpha = 0 and scene_weight = 0 it
+    is exactly the CE. The scene term compares the auxiliary head's 365 outputs with the teacher's 365.
     """
 
-    def __init__(self, cross_entropy: nn.Module, alpha: float, temperature: float) -> None:
+    def __init__(self, cross_entropy: nn.Module, alpha: float, temperature: float, scene_weight: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= alpha <= 1.0 or temperature <= 0:
-            raise ValueError(f"need 0 <= kd_alpha <= 1 and kd_temperature > 0, got {alpha}, {temperature}")
+        if not 0.0 <= alpha <= 1.0 or temperature <= 0 or scene_weight < 0:
+            raise ValueError(f"need 0 <= kd_alpha <= 1, kd_temperature > 0 and kd_scene_weight >= 0, "
+                             f"got {alpha}, {temperature}, {scene_weight}")
         self.cross_entropy, self.alpha, self.temperature = cross_entropy, alpha, temperature
+        self.scene_weight = scene_weight
 
     def forward(self, student_logits: torch.Tensor, targets: torch.Tensor,
-                teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
-        hard = self.cross_entropy(student_logits, targets)
-        if self.alpha == 0.0 or teacher_logits is None:
-            return hard
-        t = self.temperature
-        soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                        reduction="batchmean", log_target=True) * t * t
-        return self.alpha * soft + (1.0 - self.alpha) * hard
+                teacher_logits: torch.Tensor | None = None, student_scenes: torch.Tensor | None = None,
+                teacher_scenes: torch.Tensor | None = None) -> torch.Tensor:
+        loss = self.cross_entropy(student_logits, targets)
+        if self.alpha > 0.0 and teacher_logits is not None:
+            soft = softened_kl(student_logits, teacher_logits, self.temperature)
+            loss = self.alpha * soft + (1.0 - self.alpha) * loss
+        if self.scene_weight > 0.0 and student_scenes is not None and teacher_scenes is not None:
+            loss = loss + self.scene_weight * softened_kl(student_scenes, teacher_scenes, self.temperature)
+        return loss
+
+
+def scene_head_for(model: StemTail) -> nn.Linear:
+    """The auxiliary head of scene distillation: pooled tail features -> 365 Places scenes (training only)."""
+    from training.teacher import NUM_SCENES
+
+    first_linear = next(layer for layer in model.head.modules() if isinstance(layer, nn.Linear))
+    return nn.Linear(first_linear.in_features, NUM_SCENES)
+
+
+def tail_outputs(tail: nn.Sequential, inputs: torch.Tensor, scene_head: nn.Module | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tail's class logits and, with `scene_head`, its 365 scene logits from the same pooled features."""
+    if scene_head is None:
+        return tail(inputs), None
+    features = tail[:-1](inputs)
+    return tail[-1](features), scene_head(features)
 
 
 def epoch_batches(num_samples: int, views: int, batch_size: int, rng: np.random.Generator):
@@ -174,12 +206,13 @@ def epoch_batches(num_samples: int, views: int, batch_size: int, rng: np.random.
         yield torch.from_numpy(chosen_views[index]), torch.from_numpy(index)
 
 
-def train_epoch(tail: nn.Module, train_cache: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss_fn: DistillationLoss, recipe: Recipe,
-                rng: np.random.Generator, device: torch.device, desc: str,
-                teacher_logits: torch.Tensor | None = None) -> float:
+def train_epoch(tail: nn.Sequential, train_cache: torch.Tensor, targets: torch.Tensor,
+                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                loss_fn: DistillationLoss, recipe: Recipe, rng: np.random.Generator, device: torch.device, desc: str,
+                teacher_logits: torch.Tensor | None = None, scene_head: nn.Module | None = None,
+                teacher_scenes: torch.Tensor | None = None) -> float:
     """One pass over the cached views. `teacher_logits` is [1 or views, N, classes]: one teacher view
-    (the centre) serves every student view, or one per cached view."""
+    (the centre) serves every student view, or one per cached view. `teacher_scenes` is [N, 365] (centre)."""
     tail.train()
     freeze_batchnorm(tail)
     total, count = 0.0, 0
@@ -189,7 +222,9 @@ def train_epoch(tail: nn.Module, train_cache: torch.Tensor, targets: torch.Tenso
         teacher = None
         if teacher_logits is not None:
             teacher = teacher_logits[views if teacher_logits.shape[0] > 1 else 0, index].to(device).float()
-        loss = loss_fn(tail(inputs), targets[index].to(device), teacher)
+        logits, scenes = tail_outputs(tail, inputs, scene_head)
+        loss = loss_fn(logits, targets[index].to(device), teacher, scenes,
+                       None if teacher_scenes is None else teacher_scenes[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -223,6 +258,7 @@ class Prepared:
     train_cache: torch.Tensor  # [views, N, C, H, W] float16
     val_cache: torch.Tensor  # [N, C, H, W] float16
     teacher_logits: torch.Tensor | None  # [1 or views, N, classes]: the teacher's room logits
+    teacher_scenes: torch.Tensor | None = None  # [N, 365]: all the teacher's Places logits, centre view
     teacher_cost: dict[str, Any] | None = None
     dropped: int = 0
 
@@ -236,13 +272,14 @@ def build_model(recipe: Recipe, num_classes: int, device: torch.device) -> StemT
 
 
 def uses_teacher(recipe: Recipe) -> bool:
-    return recipe.kd_alpha > 0 or recipe.drop_audited
+    return recipe.kd_alpha > 0 or recipe.kd_scene_weight > 0 or recipe.drop_audited
 
 
 def prepare(model: StemTail, data_root: Path, labels: list[str], recipe: Recipe, device: torch.device,
             weights_dir: Path | None = None, soft_target_dir: Path | None = None) -> Prepared:
     """Cache the stem's outputs (and, when the recipe distils, the teacher's logits from the soft-target cache)."""
-    from training.distill import audit_flags, centre_room_logits, load_teacher_for, teacher_room_fn
+    from training.distill import audit_flags, centre_scene_logits, load_teacher_for, teacher_room_fn
+    from training.soft_targets import room_logits
 
     if recipe.kd_teacher_views not in KD_TEACHER_VIEWS:
         raise ValueError(f"kd_teacher_views must be one of {KD_TEACHER_VIEWS}, got {recipe.kd_teacher_views!r}")
@@ -251,21 +288,23 @@ def prepare(model: StemTail, data_root: Path, labels: list[str], recipe: Recipe,
     val_samples = list_samples(data_root, "val", labels, recipe.max_per_class)
     if not train_samples or not val_samples:
         raise ValueError(f"{data_root} has {len(train_samples)} train and {len(val_samples)} val images; need both")
-    teacher, centre, cost, dropped = None, None, None, 0
+    teacher, centre, scenes, cost, dropped = None, None, None, None, 0
     if uses_teacher(recipe):
         teacher = load_teacher_for(labels, weights_dir)
-        centre, cost = centre_room_logits(teacher, data_root, train_samples, soft_target_dir)
+        scenes, cost = centre_scene_logits(teacher, data_root, train_samples, soft_target_dir)
+        centre = torch.from_numpy(room_logits(scenes, teacher)).float()
         if recipe.drop_audited:
             keep = ~audit_flags(centre.numpy(), np.array([s.label for s in train_samples]))
             dropped = int((~keep).sum())
             train_samples = [s for s, k in zip(train_samples, keep) if k]
-            centre = centre[torch.from_numpy(keep)]
+            centre, scenes = centre[torch.from_numpy(keep)], scenes[torch.from_numpy(keep)]
             print(f"dropped {dropped} training images a confident teacher disagrees with (label audit)")
     distilling = recipe.kd_alpha > 0
     print(f"{recipe.arch}: {len(train_samples)} train / {len(val_samples)} val images, "
           f"stem = first {recipe.stem_cut()} blocks, {recipe.views} cached views, device {device}"
           + (f", distillation alpha {recipe.kd_alpha} T {recipe.kd_temperature} "
-             f"teacher on {recipe.kd_teacher_views} view(s)" if distilling else ""))
+             f"teacher on {recipe.kd_teacher_views} view(s)" if distilling else "")
+          + (f", scene distillation weight {recipe.kd_scene_weight}" if recipe.kd_scene_weight > 0 else ""))
     per_view_teacher = teacher_room_fn(teacher, device) if distilling and recipe.kd_teacher_views == "all" else None
     train_cache, augmented = cache_views(model.stem, train_samples, recipe, config, device, recipe.views, "train",
                                          per_view_teacher)
@@ -275,7 +314,7 @@ def prepare(model: StemTail, data_root: Path, labels: list[str], recipe: Recipe,
         teacher_logits = centre.unsqueeze(0)
         if augmented is not None:
             teacher_logits = torch.cat([teacher_logits, augmented.float()])
-    return Prepared(labels, train_samples, val_samples, train_cache, val_cache, teacher_logits, cost, dropped)
+    return Prepared(labels, train_samples, val_samples, train_cache, val_cache, teacher_logits, scenes, cost, dropped)
 
 
 def train(data_root: Path, labels: list[str], recipe: Recipe, out_dir: Path, resume: bool = False,
@@ -309,7 +348,13 @@ def fit(model: StemTail, prepared: Prepared, recipe: Recipe, out_dir: Path, devi
 
     cross_entropy = nn.CrossEntropyLoss(weight=class_weights(train_samples, len(labels)).to(device),
                                         label_smoothing=recipe.label_smoothing)
-    loss_fn = DistillationLoss(cross_entropy, recipe.kd_alpha, recipe.kd_temperature)
+    loss_fn = DistillationLoss(cross_entropy, recipe.kd_alpha, recipe.kd_temperature, recipe.kd_scene_weight)
+    scene_head, teacher_scenes = None, None
+    if recipe.kd_scene_weight > 0:
+        if prepared.teacher_scenes is None:
+            raise ValueError("kd_scene_weight > 0 needs the teacher's scene logits (prepare with the teacher)")
+        scene_head, teacher_scenes = scene_head_for(model).to(device), prepared.teacher_scenes
+    auxiliary = list(scene_head.parameters()) if scene_head is not None else []
     rng = np.random.default_rng(recipe.seed)
     history: dict[str, Any] = {"recipe": asdict(recipe), "epochs": []}
     steps_per_epoch = math.ceil(len(train_samples) / recipe.batch_size)
@@ -327,10 +372,12 @@ def fit(model: StemTail, prepared: Prepared, recipe: Recipe, out_dir: Path, devi
     if state is None:
         set_trainable(model.tail, False)
         set_trainable(head, True)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=recipe.lr_head, weight_decay=recipe.weight_decay)
+        optimizer = torch.optim.AdamW([*head.parameters(), *auxiliary], lr=recipe.lr_head,
+                                      weight_decay=recipe.weight_decay)
         for epoch in range(recipe.warmup_epochs):
             loss = train_epoch(model.tail, train_cache, train_targets, optimizer, None, loss_fn, recipe, rng, device,
-                               f"warm-up {epoch + 1}/{recipe.warmup_epochs}", teacher_logits)
+                               f"warm-up {epoch + 1}/{recipe.warmup_epochs}", teacher_logits, scene_head,
+                               teacher_scenes)
             f1 = validate()
             history["epochs"].append({"stage": "warmup", "epoch": epoch + 1, "train_loss": loss, "val_macro_f1": f1})
             log(f"warm-up {epoch + 1}: loss {loss:.4f}  val macro-F1 {f1:.4f}")
@@ -338,12 +385,14 @@ def fit(model: StemTail, prepared: Prepared, recipe: Recipe, out_dir: Path, devi
     # Stage 2: fine-tune the whole tail.
     set_trainable(model.tail, True)
     optimizer = torch.optim.AdamW([{"params": model.tail_body_parameters(), "lr": recipe.lr_tail},
-                                   {"params": head.parameters(), "lr": recipe.lr_tail * 3}],
+                                   {"params": [*head.parameters(), *auxiliary], "lr": recipe.lr_tail * 3}],
                                   weight_decay=recipe.weight_decay)
     scheduler = warmup_then_cosine(optimizer, recipe.epochs * steps_per_epoch, max(steps_per_epoch, 5))
     best_f1, best_tail, start_epoch, stale = -1.0, copy.deepcopy(model.tail.state_dict()), 0, 0
     if state is not None:
         model.tail.load_state_dict(state["tail"])
+        if scene_head is not None:
+            scene_head.load_state_dict(state["scene_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         best_f1, best_tail, start_epoch, stale = state["best_f1"], state["best_tail"], state["epoch"], state["stale"]
@@ -352,7 +401,7 @@ def fit(model: StemTail, prepared: Prepared, recipe: Recipe, out_dir: Path, devi
 
     for epoch in range(start_epoch, recipe.epochs):
         loss = train_epoch(model.tail, train_cache, train_targets, optimizer, scheduler, loss_fn, recipe, rng, device,
-                           f"fine-tune {epoch + 1}/{recipe.epochs}", teacher_logits)
+                           f"fine-tune {epoch + 1}/{recipe.epochs}", teacher_logits, scene_head, teacher_scenes)
         f1 = validate()
         history["epochs"].append({"stage": "finetune", "epoch": epoch + 1, "train_loss": loss, "val_macro_f1": f1})
         log(f"fine-tune {epoch + 1}: loss {loss:.4f}  val macro-F1 {f1:.4f}")
@@ -363,7 +412,8 @@ def fit(model: StemTail, prepared: Prepared, recipe: Recipe, out_dir: Path, devi
         if checkpoints:
             torch.save({"recipe": asdict(recipe), "tail": model.tail.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "best_f1": best_f1, "best_tail": best_tail,
-                        "epoch": epoch + 1, "stale": stale, "history": history, "rng": rng}, checkpoint_path)
+                        "epoch": epoch + 1, "stale": stale, "history": history, "rng": rng,
+                        "scene_head": scene_head.state_dict() if scene_head is not None else None}, checkpoint_path)
         if stale >= recipe.patience:
             log(f"early stop: no val macro-F1 gain for {stale} epochs")
             break

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,20 @@ from training.recipe import (
     seed_everything,
 )
 
-GRID = [(0.0, 2.0), (0.5, 2.0), (0.5, 4.0), (0.8, 2.0), (0.8, 4.0), (0.3, 2.0)]
+GRID = ["0:2", "0.5:2", "0.5:4", "0.8:2", "0.8:4", "0.3:2"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the grid: the loss's weights, and what the teacher sees."""
+    alpha: float
+    temperature: float
+    teacher_views: str = "centre"
+    scene_weight: float = 0.0
+
+    def name(self) -> str:
+        scenes = f" scenes {self.scene_weight}" if self.scene_weight else ""
+        return f"alpha {self.alpha} T {self.temperature} {self.teacher_views}{scenes}"
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,8 +63,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-per-class", type=int, default=200, help="training images per class (0: all)")
     parser.add_argument("--val-max-per-class", type=int, help="validation images per class (default: all)")
     parser.add_argument("--grid", nargs="+", type=parse_setting,
-                        help="alpha:T or alpha:T:all settings (default: a small grid; "
-                             "':all' runs the teacher on every augmented view)")
+                        help="settings alpha:T[:all][:scenes=W] (default: a small grid of alpha:T; ':all' runs the "
+                             "teacher on every augmented view, ':scenes=W' adds the 365-scene term with weight W)")
     parser.add_argument("--no-follow-ups", action="store_true",
                         help="only the --grid settings: skip the best setting's all-views and audit-drop runs")
     parser.add_argument("--no-teacher-views", action="store_true", help="skip the teacher-on-augmented-views setting")
@@ -59,20 +72,29 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def parse_setting(item: str) -> tuple[float, float, str]:
-    """'alpha:T' (teacher on the centre view) or 'alpha:T:all' (teacher on every augmented view)."""
-    alpha, temperature, *views = item.split(":")
-    teacher_views = views[0] if views else "centre"
-    if len(views) > 1 or teacher_views not in KD_TEACHER_VIEWS:
-        raise argparse.ArgumentTypeError(f"{item!r}: expected alpha:T or alpha:T:all")
-    return float(alpha), float(temperature), teacher_views
+def parse_setting(item: str) -> Setting:
+    """'alpha:T', then optionally ':all' (teacher on every augmented view) and ':scenes=W' (365-scene term)."""
+    alpha, temperature, *options = item.split(":")
+    teacher_views, scene_weight = "centre", 0.0
+    try:
+        for option in options:
+            if option in KD_TEACHER_VIEWS:
+                teacher_views = option
+            elif option.startswith("scenes="):
+                scene_weight = float(option.removeprefix("scenes="))
+            else:
+                raise ValueError(option)
+        return Setting(float(alpha), float(temperature), teacher_views, scene_weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{item!r}: expected alpha:T[:all][:scenes=W]") from None
 
 
 def subset(prepared: Prepared, keep: np.ndarray) -> Prepared:
     index = torch.from_numpy(np.flatnonzero(keep))
     return replace(prepared, train_samples=[s for s, k in zip(prepared.train_samples, keep) if k],
                    train_cache=prepared.train_cache[:, index],
-                   teacher_logits=None if prepared.teacher_logits is None else prepared.teacher_logits[:, index])
+                   teacher_logits=None if prepared.teacher_logits is None else prepared.teacher_logits[:, index],
+                   teacher_scenes=None if prepared.teacher_scenes is None else prepared.teacher_scenes[index])
 
 
 def score(model, prepared: Prepared, recipe, device) -> dict:
@@ -91,8 +113,8 @@ def main() -> None:
     if args.weights_dir is not None:
         seed_hub_cache(args.weights_dir)
     labels = discover_labels(args.data)
-    grid = args.grid or [(a, t, "centre") for a, t in GRID]
-    needs_all_views = not args.no_teacher_views or any(views == "all" for _, _, views in grid)
+    grid = args.grid or [parse_setting(item) for item in GRID]
+    needs_all_views = not args.no_teacher_views or any(setting.teacher_views == "all" for setting in grid)
     base = replace(PROFILES["default"], arch=args.arch, max_per_class=args.max_per_class or None,
                    kd_teacher_views="all" if needs_all_views else "centre")
     seed_everything(base.seed)
@@ -109,8 +131,10 @@ def main() -> None:
     print(f"caches ready in {cache_minutes:.1f} min: {len(prepared.train_samples)} train, {len(val_samples)} val")
     centre_only = replace(prepared, teacher_logits=prepared.teacher_logits[:1])
 
-    settings = [(f"alpha {a} T {t} {views}", replace(base, kd_alpha=a, kd_temperature=t, kd_teacher_views=views),
-                 prepared if views == "all" else centre_only) for a, t, views in grid]
+    settings = [(setting.name(), replace(base, kd_alpha=setting.alpha, kd_temperature=setting.temperature,
+                                         kd_teacher_views=setting.teacher_views,
+                                         kd_scene_weight=setting.scene_weight),
+                 prepared if setting.teacher_views == "all" else centre_only) for setting in grid]
     results = []
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -120,7 +144,8 @@ def main() -> None:
         student, history = fit(build_model(recipe, len(labels), device), data, recipe, args.out / "scratch", device,
                                quiet=True, checkpoints=False)
         result = {"setting": name, "kd_alpha": recipe.kd_alpha, "kd_temperature": recipe.kd_temperature,
-                  "teacher_views": recipe.kd_teacher_views, "train_images": len(data.train_samples),
+                  "teacher_views": recipe.kd_teacher_views, "kd_scene_weight": recipe.kd_scene_weight,
+                  "train_images": len(data.train_samples),
                   **score(student, data, recipe, device), "fit_minutes": (time.perf_counter() - fit_started) / 60}
         print(json.dumps(result))
         results.append(result)
