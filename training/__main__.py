@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--register-if-val-above", type=float,
                         help="`run`: register only if the served model's val accuracy beats this "
                              "(e.g. today's model's)")
+    parser.add_argument("--soup", type=int,
+                        help="fine-tunes of the tail from one warm start, greedy-souped on validation (default 1)")
     kd = parser.add_argument_group("distillation from the Places365 teacher (needs places365/ in --weights-dir "
                                    "or a network)")
     kd.add_argument("--kd-alpha", type=float, help="weight of the distillation term (0 = plain cross-entropy)")
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.weights_dir is not None and args.weights_dir.is_dir():
         seed_hub_cache(args.weights_dir)
     recipe = recipe_from_args(args.profile, arch=args.arch, epochs=args.epochs, views=args.views,
-                              stem_blocks=args.stem_blocks, seed=args.seed, max_per_class=args.max_per_class,
+                              stem_blocks=args.stem_blocks, seed=args.seed, soup=args.soup,
+                              max_per_class=args.max_per_class,
                               pretrained=False if args.random_init else None,
                               kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature,
                               kd_teacher_views=args.kd_teacher_views, kd_scene_weight=args.kd_scene_weight,

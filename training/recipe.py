@@ -59,6 +59,7 @@ class Recipe:
     kd_temperature: float = 2.0
     kd_teacher_views: str = "centre"  # "centre": one teacher pass per image serves every view; "all": teacher per view
     kd_scene_weight: float = 0.0  # weight of the all-365-scenes term (auxiliary head, not exported); 0 = off
+    soup: int = 1  # fine-tunes from the one warm start, greedy-souped on validation (weight average, same latency)
     drop_audited: bool = False  # drop training images a confident teacher disagrees with (label audit)
     workers: int = 2
     pretrained: bool = True
@@ -333,10 +334,33 @@ def train(data_root: Path, labels: list[str], recipe: Recipe, out_dir: Path, res
     return model, history
 
 
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform average of same-shaped state dicts; integer buffers (BatchNorm's counters) from the first."""
+    return {key: torch.stack([state[key].float() for state in states]).mean(0).to(value.dtype)
+            if value.is_floating_point() else value.clone() for key, value in states[0].items()}
+
+
+def greedy_soup(ingredients: list[tuple[float, dict[str, torch.Tensor]]], score: Callable[[dict], float]
+                ) -> tuple[dict[str, torch.Tensor], float, list[int]]:
+    """Greedy model soup (Wortsman et al. 2022): fine-tunes of one start, best validation score first, each
+    added to the weight average only if the average scores no worse on validation. Returns the souped
+    state, its score and the indices it averages; a single ingredient is its own soup."""
+    order = sorted(range(len(ingredients)), key=lambda i: -ingredients[i][0])
+    kept = [order[0]]
+    souped, best = ingredients[order[0]][1], ingredients[order[0]][0]
+    for index in order[1:]:
+        candidate = average_states([ingredients[i][1] for i in kept + [index]])
+        candidate_score = score(candidate)
+        if candidate_score >= best:
+            kept, souped, best = kept + [index], candidate, candidate_score
+    return souped, best, kept
+
+
 def fit(model: StemTail, prepared: Prepared, recipe: Recipe, out_dir: Path, device: torch.device,
         resume: bool = False, quiet: bool = False, checkpoints: bool = True) -> tuple[StemTail, dict]:
-    """Head warm-up, then fine-tune of the tail, on the prepared caches; the best tail by val macro-F1.
-    `checkpoints=False` (sweeps) skips the per-epoch checkpoint file that `--resume` needs."""
+    """Head warm-up, then `recipe.soup` fine-tunes of the tail from that warm start (each with its own seed,
+    each keeping its best epoch by val macro-F1), greedy-souped on validation into one tail: same network,
+    same latency. `checkpoints=False` (sweeps) skips the per-epoch checkpoint file that `--resume` needs."""
     labels = prepared.labels
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
@@ -359,13 +383,20 @@ def fit(model: StemTail, prepared: Prepared, recipe: Recipe, out_dir: Path, devi
     history: dict[str, Any] = {"recipe": asdict(recipe), "epochs": []}
     steps_per_epoch = math.ceil(len(train_samples) / recipe.batch_size)
 
-    def validate() -> float:
+    def validate(tail_state: dict[str, torch.Tensor] | None = None) -> float:
+        if tail_state is not None:
+            model.tail.load_state_dict(tail_state)
         predictions = predict_tail(model.tail, val_cache, recipe.batch_size * 2, device).argmax(axis=1)
         return macro_f1(val_targets, predictions, len(labels))
 
     state = torch.load(checkpoint_path, weights_only=False) if resume and checkpoint_path.exists() else None
     if state is not None and state["recipe"] != asdict(recipe):
         raise ValueError(f"{checkpoint_path} was written by another recipe; remove it or drop --resume")
+
+    def save_checkpoint(**progress: Any) -> None:
+        if checkpoints:
+            torch.save({"recipe": asdict(recipe), "warm": warm, "ingredients": ingredients, "history": history,
+                        **progress}, checkpoint_path)
 
     # Stage 1: head warm-up, the tail body frozen.
     head = model.head
@@ -381,44 +412,66 @@ def fit(model: StemTail, prepared: Prepared, recipe: Recipe, out_dir: Path, devi
             f1 = validate()
             history["epochs"].append({"stage": "warmup", "epoch": epoch + 1, "train_loss": loss, "val_macro_f1": f1})
             log(f"warm-up {epoch + 1}: loss {loss:.4f}  val macro-F1 {f1:.4f}")
+        warm = {"tail": copy.deepcopy(model.tail.state_dict()),
+                "scene_head": copy.deepcopy(scene_head.state_dict()) if scene_head is not None else None}
+        ingredients: list[tuple[float, dict[str, torch.Tensor]]] = []
+    else:
+        warm, ingredients, history = state["warm"], state["ingredients"], state["history"]
 
-    # Stage 2: fine-tune the whole tail.
+    # Stage 2: fine-tune the whole tail, once per soup ingredient, each from the warm start.
     set_trainable(model.tail, True)
-    optimizer = torch.optim.AdamW([{"params": model.tail_body_parameters(), "lr": recipe.lr_tail},
-                                   {"params": [*head.parameters(), *auxiliary], "lr": recipe.lr_tail * 3}],
-                                  weight_decay=recipe.weight_decay)
-    scheduler = warmup_then_cosine(optimizer, recipe.epochs * steps_per_epoch, max(steps_per_epoch, 5))
-    best_f1, best_tail, start_epoch, stale = -1.0, copy.deepcopy(model.tail.state_dict()), 0, 0
-    if state is not None:
-        model.tail.load_state_dict(state["tail"])
+    for ingredient in range(len(ingredients), recipe.soup):
+        model.tail.load_state_dict(warm["tail"])
         if scene_head is not None:
-            scene_head.load_state_dict(state["scene_head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        best_f1, best_tail, start_epoch, stale = state["best_f1"], state["best_tail"], state["epoch"], state["stale"]
-        history, rng = state["history"], state["rng"]
-        log(f"resumed from {checkpoint_path} after epoch {start_epoch}")
+            scene_head.load_state_dict(warm["scene_head"])
+        if ingredient > 0:  # the first continues the warm-up's random stream: soup = 1 is the plain recipe
+            rng = np.random.default_rng([recipe.seed, ingredient])
+            torch.manual_seed(recipe.seed + ingredient)
+        name = f"fine-tune{f' (soup {ingredient + 1}/{recipe.soup})' if recipe.soup > 1 else ''}"
+        optimizer = torch.optim.AdamW([{"params": model.tail_body_parameters(), "lr": recipe.lr_tail},
+                                       {"params": [*head.parameters(), *auxiliary], "lr": recipe.lr_tail * 3}],
+                                      weight_decay=recipe.weight_decay)
+        scheduler = warmup_then_cosine(optimizer, recipe.epochs * steps_per_epoch, max(steps_per_epoch, 5))
+        best_f1, best_tail, start_epoch, stale = -1.0, copy.deepcopy(model.tail.state_dict()), 0, 0
+        if state is not None and state.get("ingredient") == ingredient and state.get("tail") is not None:
+            model.tail.load_state_dict(state["tail"])
+            if scene_head is not None:
+                scene_head.load_state_dict(state["scene_head"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            best_f1, best_tail, stale = state["best_f1"], state["best_tail"], state["stale"]
+            start_epoch, rng = state["epoch"], state["rng"]
+            log(f"resumed from {checkpoint_path} after epoch {start_epoch}{name.removeprefix('fine-tune')}")
 
-    for epoch in range(start_epoch, recipe.epochs):
-        loss = train_epoch(model.tail, train_cache, train_targets, optimizer, scheduler, loss_fn, recipe, rng, device,
-                           f"fine-tune {epoch + 1}/{recipe.epochs}", teacher_logits, scene_head, teacher_scenes)
-        f1 = validate()
-        history["epochs"].append({"stage": "finetune", "epoch": epoch + 1, "train_loss": loss, "val_macro_f1": f1})
-        log(f"fine-tune {epoch + 1}: loss {loss:.4f}  val macro-F1 {f1:.4f}")
-        if f1 > best_f1:
-            best_f1, best_tail, stale = f1, copy.deepcopy(model.tail.state_dict()), 0
-        else:
-            stale += 1
-        if checkpoints:
-            torch.save({"recipe": asdict(recipe), "tail": model.tail.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "best_f1": best_f1, "best_tail": best_tail,
-                        "epoch": epoch + 1, "stale": stale, "history": history, "rng": rng,
-                        "scene_head": scene_head.state_dict() if scene_head is not None else None}, checkpoint_path)
-        if stale >= recipe.patience:
-            log(f"early stop: no val macro-F1 gain for {stale} epochs")
-            break
+        for epoch in range(start_epoch, recipe.epochs):
+            if stale >= recipe.patience:
+                log(f"early stop: no val macro-F1 gain for {stale} epochs")
+                break
+            loss = train_epoch(model.tail, train_cache, train_targets, optimizer, scheduler, loss_fn, recipe, rng,
+                               device, f"{name} {epoch + 1}/{recipe.epochs}", teacher_logits, scene_head,
+                               teacher_scenes)
+            f1 = validate()
+            history["epochs"].append({"stage": "finetune", "ingredient": ingredient, "epoch": epoch + 1,
+                                      "train_loss": loss, "val_macro_f1": f1})
+            log(f"{name} {epoch + 1}: loss {loss:.4f}  val macro-F1 {f1:.4f}")
+            if f1 > best_f1:
+                best_f1, best_tail, stale = f1, copy.deepcopy(model.tail.state_dict()), 0
+            else:
+                stale += 1
+            save_checkpoint(ingredient=ingredient, tail=model.tail.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), best_f1=best_f1, best_tail=best_tail, epoch=epoch + 1,
+                            stale=stale, rng=rng,
+                            scene_head=scene_head.state_dict() if scene_head is not None else None)
+        ingredients.append((best_f1, best_tail))
+        save_checkpoint(ingredient=ingredient + 1, tail=None)
 
-    model.tail.load_state_dict(best_tail)
+    souped, best_f1, kept = greedy_soup(ingredients, validate)
+    if recipe.soup > 1:
+        history["soup"] = {"ingredients_val_macro_f1": [f1 for f1, _ in ingredients], "kept": kept,
+                           "soup_val_macro_f1": best_f1}
+        log(f"soup of fine-tunes {kept}: val macro-F1 {best_f1:.4f} "
+            f"(each alone: {', '.join(f'{f1:.4f}' for f1, _ in ingredients)})")
+    model.tail.load_state_dict(souped)
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     history["best_val_macro_f1"] = best_f1
     return model, history
