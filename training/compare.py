@@ -15,7 +15,13 @@ from typing import Any
 from training.backbones import WeightsUnavailable
 from training.data import dataset_fingerprint
 from training.pipeline import evaluate_step, export_step, load_trained, train_step
-from training.recipe import DISTILL_CHOICES, KD_ALPHA, KD_TEMPERATURE, Recipe  # noqa: F401 (re-exported for callers)
+from training.recipe import (  # noqa: F401 (re-exported for callers)
+    DISTILL_CHOICES,
+    KD_ALPHA,
+    KD_SCENE_WEIGHT,
+    KD_TEMPERATURE,
+    Recipe,
+)
 
 COLUMNS = ("arch", "kd", "val_accuracy", "test_accuracy", "test_macro_f1", "test_f1_living_room",
            "test_accuracy_house_rooms", "test_ece_after", "params_m", "onnx_mb", "ort_batch1_ms", "ort_batch16_ms",
@@ -37,6 +43,8 @@ def row_from_report(arch: str, kd: str, report: dict[str, Any], params_m: float,
 def compare_one(data: Path, run_dir: Path, recipe: Recipe, weights_dir: Path | None = None,
                 soft_target_dir: Path | None = None) -> dict[str, Any]:
     kd = f"alpha {recipe.kd_alpha}, T {recipe.kd_temperature}" if recipe.kd_alpha > 0 else "no"
+    if recipe.kd_scene_weight > 0:
+        kd += f", scenes {recipe.kd_scene_weight}"
     saved = run_dir / "compare_row.json"
     fingerprint = dataset_fingerprint(data)
     if saved.is_file():
@@ -87,9 +95,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def distill_variants(recipe: Recipe, distill: str) -> list[Recipe]:
-    """The recipe without and/or with distillation (a recipe without a KD weight gets the chosen alpha and T)."""
-    with_kd = recipe if recipe.kd_alpha > 0 else replace(recipe, kd_alpha=KD_ALPHA, kd_temperature=KD_TEMPERATURE)
-    without = replace(recipe, kd_alpha=0.0, drop_audited=False)
+    """The recipe without and/or with distillation (a recipe without a KD weight gets the chosen alpha, T and
+    scene weight)."""
+    with_kd = recipe if recipe.kd_alpha > 0 else replace(recipe, kd_alpha=KD_ALPHA, kd_temperature=KD_TEMPERATURE,
+                                                         kd_scene_weight=KD_SCENE_WEIGHT)
+    without = replace(recipe, kd_alpha=0.0, kd_scene_weight=0.0, drop_audited=False)
     return {"off": [without], "on": [with_kd], "both": [without, with_kd]}[distill]
 
 

@@ -4,8 +4,9 @@
 
 The stem caches (and the teacher's logits on the augmented views) are computed once; every setting then trains
 the same student tail from the same start, so the settings differ only in the loss. Also measured here: whether
-the teacher should see the augmented views (`all`) or only the centre view, and whether dropping the photos the
-label audit flags helps. Results go to `<out>/sweep.json` and `<out>/sweep.md`.
+the teacher should see the augmented views (`all`) or only the centre view, the weight of the all-365-scenes
+term (`scenes=W`), and whether dropping the photos the label audit flags helps. Results go to
+`<out>/sweep.json` and `<out>/sweep.md`.
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ def main() -> None:
     labels = discover_labels(args.data)
     grid = args.grid or [parse_setting(item) for item in GRID]
     needs_all_views = not args.no_teacher_views or any(setting.teacher_views == "all" for setting in grid)
+    # One fine-tune per setting (no soup): the settings differ only in the loss.
     base = replace(PROFILES["default"], arch=args.arch, max_per_class=args.max_per_class or None,
-                   kd_teacher_views="all" if needs_all_views else "centre")
+                   kd_teacher_views="all" if needs_all_views else "centre", soup=1)
     seed_everything(base.seed)
     device = pick_device()
     started = time.perf_counter()
