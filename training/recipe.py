@@ -59,7 +59,7 @@ class Recipe:
     kd_temperature: float = 2.0
     kd_teacher_views: str = "centre"  # "centre": one teacher pass per image serves every view; "all": teacher per view
     kd_scene_weight: float = 0.0  # weight of the all-365-scenes term (auxiliary head, not exported); 0 = off
-    soup: int = 1  # fine-tunes from the one warm start, greedy-souped on validation (weight average, same latency)
+    soup: int = 1  # fine-tunes from the one warm start, greedy-souped on validation; 3 gained nothing (README)
     drop_audited: bool = False  # drop training images a confident teacher disagrees with (label audit)
     workers: int = 2
     pretrained: bool = True
