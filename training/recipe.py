@@ -299,7 +299,8 @@ def prepare(model: StemTail, data_root: Path, labels: list[str], recipe: Recipe,
             keep = ~audit_flags(centre.numpy(), np.array([s.label for s in train_samples]))
             dropped = int((~keep).sum())
             train_samples = [s for s, k in zip(train_samples, keep) if k]
-            centre, scenes = centre[torch.from_numpy(keep)], scenes[torch.from_numpy(keep)]
+            kept = torch.from_numpy(keep)
+            centre, scenes = centre[kept], scenes[kept]
             print(f"dropped {dropped} training images a confident teacher disagrees with (label audit)")
     distilling = recipe.kd_alpha > 0
     print(f"{recipe.arch}: {len(train_samples)} train / {len(val_samples)} val images, "

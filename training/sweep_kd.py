@@ -30,6 +30,7 @@ from training.recipe import (
     KD_TEACHER_VIEWS,
     PROFILES,
     Prepared,
+    Recipe,
     build_model,
     cache_views,
     fit,
@@ -133,10 +134,10 @@ def main() -> None:
     print(f"caches ready in {cache_minutes:.1f} min: {len(prepared.train_samples)} train, {len(val_samples)} val")
     centre_only = replace(prepared, teacher_logits=prepared.teacher_logits[:1])
 
-    settings = [(setting.name(), replace(base, kd_alpha=setting.alpha, kd_temperature=setting.temperature,
-                                         kd_teacher_views=setting.teacher_views,
-                                         kd_scene_weight=setting.scene_weight),
-                 prepared if setting.teacher_views == "all" else centre_only) for setting in grid]
+    def recipe_for(setting: Setting) -> Recipe:
+        return replace(base, kd_alpha=setting.alpha, kd_temperature=setting.temperature,
+                       kd_teacher_views=setting.teacher_views, kd_scene_weight=setting.scene_weight)
+
     results = []
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -154,20 +155,19 @@ def main() -> None:
         (args.out / "sweep.json").write_text(json.dumps({"cache_minutes": cache_minutes, "results": results}, indent=2))
         return result
 
-    for name, recipe, data in settings:
-        run(name, recipe, data)
+    for setting in grid:
+        run(setting.name(), recipe_for(setting), prepared if setting.teacher_views == "all" else centre_only)
     if not args.no_follow_ups:  # the best grid setting with the teacher on every view, then without audited photos
         kd_results = [r for r in results if r["kd_alpha"] > 0]
         best = max(kd_results, key=lambda r: (r["val_accuracy"], r["val_macro_f1"]))
-        best_recipe = replace(base, kd_alpha=best["kd_alpha"], kd_temperature=best["kd_temperature"])
+        best_setting = Setting(best["kd_alpha"], best["kd_temperature"], "centre", best["kd_scene_weight"])
         if not args.no_teacher_views:
-            run(f"alpha {best['kd_alpha']} T {best['kd_temperature']} all views",
-                replace(best_recipe, kd_teacher_views="all"), prepared)
+            all_views = replace(best_setting, teacher_views="all")
+            run(all_views.name(), recipe_for(all_views), prepared)
         keep = ~audit_flags(centre_only.teacher_logits[0].numpy(),
                             np.array([s.label for s in prepared.train_samples]))
-        run(f"alpha {best['kd_alpha']} T {best['kd_temperature']} centre, audit-flagged dropped "
-            f"({int((~keep).sum())})",
-            replace(best_recipe, kd_teacher_views="centre", drop_audited=True), subset(centre_only, keep))
+        run(f"{best_setting.name()}, audit-flagged dropped ({int((~keep).sum())})",
+            replace(recipe_for(best_setting), drop_audited=True), subset(centre_only, keep))
     write_report(args, prepared, cache_minutes, results)
 
 
