@@ -337,3 +337,30 @@ def test_souped_training_with_the_scene_term_resumes_and_exports_only_the_studen
     resumed, _ = train(data, list(CLASSES), recipe, tmp_path / "run", resume=True, **arguments)
     assert resumed.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(resumed.state_dict()[key], value) for key, value in model.state_dict().items())
+
+
+@needs_teacher
+def test_fresh_views_train_every_block_after_the_frozen_stem_without_a_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "fresh" profile on a tiny real split: no stem cache, the teacher's centre view serves each new
+    augmented view, the first blocks stay exactly ImageNet's and the blocks after them are trained."""
+    from dataclasses import replace
+
+    from training.backbones import build_stem_tail, seed_hub_cache
+    from training.recipe import PROFILES, train
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    seed_hub_cache(WEIGHTS)
+    data = split_tree(tmp_path / "data", {"train": 3, "val": 2})
+    recipe = replace(PROFILES["fresh"], arch="mobilenet_v3_small", stem_blocks=2, epochs=2, warmup_epochs=1)
+    arguments = dict(weights_dir=WEIGHTS, soft_target_dir=tmp_path / "cache")
+    model, history = train(data, list(CLASSES), recipe, tmp_path / "run", **arguments)
+
+    assert [epoch["stage"] for epoch in history["epochs"]] == ["warmup", "finetune", "finetune"]
+    assert all(np.isfinite(epoch["train_loss"]) for epoch in history["epochs"])
+    imagenet = build_stem_tail("mobilenet_v3_small", len(CLASSES), pretrained=True, stem_blocks=2).state_dict()
+    trained = model.state_dict()
+    assert all(torch.equal(trained[key], imagenet[key]) for key in trained if key.startswith("stem."))
+    assert not torch.equal(trained["tail.0.2.block.0.0.weight"], imagenet["tail.0.2.block.0.0.weight"])
+    with pytest.raises(ValueError, match="centre view"):
+        train(data, list(CLASSES), replace(recipe, kd_teacher_views="all"), tmp_path / "other", **arguments)
