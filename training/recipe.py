@@ -208,23 +208,19 @@ def tail_outputs(tail: nn.Sequential, inputs: torch.Tensor, scene_head: nn.Modul
     return tail[-1](features), scene_head(features)
 
 
-def epoch_batches(num_samples: int, views: int, batch_size: int, rng: np.random.Generator):
-    """Shuffled (view index, sample index) batches: each sample once per epoch, in a random cached view."""
-    order = rng.permutation(num_samples)
-    chosen_views = rng.integers(0, views, size=num_samples)
-    for start in range(0, num_samples, batch_size):
-        index = order[start:start + batch_size]
-        yield torch.from_numpy(chosen_views[index]), torch.from_numpy(index)
-
-
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (view index, sample index, stem outputs on device)
 
 
 def cached_batches(train_cache: torch.Tensor, batch_size: int, rng: np.random.Generator,
                    device: torch.device) -> Iterator[Batch]:
-    """Each sample once, in a random one of its cached views."""
-    for views, index in epoch_batches(train_cache.shape[1], train_cache.shape[0], batch_size, rng):
-        yield views, index, to_device(train_cache[views, index], device)
+    """Shuffled batches: each sample once per epoch, in a random one of its cached views."""
+    views, num_samples = train_cache.shape[:2]
+    order = rng.permutation(num_samples)
+    chosen_views = rng.integers(0, views, size=num_samples)
+    for start in range(0, num_samples, batch_size):
+        index = order[start:start + batch_size]
+        view, index = torch.from_numpy(chosen_views[index]), torch.from_numpy(index)
+        yield view, index, to_device(train_cache[view, index], device)
 
 
 def fresh_batches(stem: nn.Module, samples: list[Sample], config: Preprocessing, batch_size: int, workers: int,
