@@ -347,7 +347,7 @@ def test_fresh_views_train_every_block_after_the_frozen_stem_without_a_cache(
     from dataclasses import replace
 
     from training.backbones import build_stem_tail, seed_hub_cache
-    from training.recipe import PROFILES, train
+    from training.recipe import PROFILES, build_model, prepare, train
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     seed_hub_cache(WEIGHTS)
@@ -362,5 +362,8 @@ def test_fresh_views_train_every_block_after_the_frozen_stem_without_a_cache(
     trained = model.state_dict()
     assert all(torch.equal(trained[key], imagenet[key]) for key in trained if key.startswith("stem."))
     assert not torch.equal(trained["tail.0.2.block.0.0.weight"], imagenet["tail.0.2.block.0.0.weight"])
+    prepared = prepare(build_model(recipe, len(CLASSES), torch.device("cpu")), data, list(CLASSES), recipe,
+                       torch.device("cpu"), **arguments)
+    assert prepared.train_cache is None and prepared.teacher_logits.shape[0] == 1
     with pytest.raises(ValueError, match="centre view"):
         train(data, list(CLASSES), replace(recipe, kd_teacher_views="all"), tmp_path / "other", **arguments)
