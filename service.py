@@ -23,7 +23,7 @@ from typing import Annotated, Any, Optional
 import anyio
 import bentoml
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -41,8 +41,8 @@ from inference.http_guards import (
     RequestTimeoutMiddleware,
 )
 from inference.model import ModelInfo, OnnxClassifier
-from inference.postprocess import Prediction, postprocess
-from inference.preprocess import bytes_to_pixels
+from inference.postprocess import Prediction, explained_labels, heatmap_grid, postprocess
+from inference.preprocess import PhotoView, bytes_to_pixels, bytes_to_pixels_and_view
 from inference.web import web_routes
 
 logger = logging.getLogger("bentoml.service.room_classifier")
@@ -78,9 +78,31 @@ class ErrorDetail(BaseModel):
     message: str = Field(description="what is wrong, for humans")
 
 
+class ClassHeatmap(BaseModel):
+    """One class's activation map."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    label: str = Field(alias="class", description="the class this map explains")
+    grid: list[list[float]] = Field(
+        description="rows (top to bottom) of cells (left to right), 0..1: how much each part of `crop_box` drove "
+                    "this class (1 = the most, 0 = the least); 7x7 for the served MobileNetV2")
+
+
+class Heatmap(BaseModel):
+    """Why the model answered as it did: class-activation maps over the part of the photo it looked at."""
+
+    crop_box: tuple[float, float, float, float] = Field(
+        description="[left, top, right, bottom] in the original photo's pixels (EXIF orientation applied): the "
+                    "centre crop the model saw, which the grid covers; the photo outside it was not looked at")
+    image_size: tuple[int, int] = Field(description="[width, height] of the original photo, as crop_box measures it")
+    maps: list[ClassHeatmap] = Field(
+        description="the top class's map, then the second class's when the answer is `uncertain`")
+
+
 class Classification(BaseModel):
     """One image's answer: the API's JSON shape. The top class is `class` on the wire; `label` in Python,
-    where `class` is a keyword."""
+    where `class` is a keyword. `heatmap` is there only when the request asked for it (`explain=true`)."""
 
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
@@ -91,6 +113,16 @@ class Classification(BaseModel):
     top_k: list[tuple[str, float]] = Field(description="the first `top_k` entries of `probabilities`")
     uncertain: bool = Field(description="true when `confidence` is below the threshold")
     model: str = Field(description="model-store tag of the model that answered")
+    heatmap: Optional[Heatmap] = Field(
+        default=None, description="only with explain=true: what drove the answer (class-activation maps)")
+
+    @model_serializer(mode="wrap")
+    def leave_out_absent_heatmap(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """Without explain=true the answer is byte for byte what it was before heatmaps existed."""
+        data = handler(self)
+        if self.heatmap is None:
+            data.pop("heatmap", None)
+        return data
 
 
 class BatchItem(BaseModel):
@@ -108,6 +140,9 @@ class BatchClassification(BaseModel):
 
 TopK = Annotated[Optional[int], Field(ge=1, le=100, description="how many [label, p] pairs in top_k")]
 Threshold = Annotated[Optional[float], Field(ge=0.0, le=1.0, description="uncertain below this probability")]
+Explain = Annotated[bool, Field(description="add `heatmap`: what drove the answer, for the top class (and the "
+                                            "second when uncertain); error explain_not_supported if the model "
+                                            "has no activation maps (/health's `explain`)")]
 
 
 @dataclass(frozen=True)
@@ -184,23 +219,26 @@ class RoomClassifier:
         image: Path = Field(default=None, description="an uploaded photo (multipart file)"),
         top_k: TopK = None,
         threshold: Threshold = None,
+        explain: Explain = False,
     ) -> Classification:
         """Classify one photo, given by `image_url` (JSON or form field) or uploaded as `image` (multipart).
 
         Answers `class`, `confidence`, `probabilities` ([[label, p], ...] sorted by p, summing to 1),
-        `top_k`, `uncertain` (confidence below `threshold`, default RC_UNCERTAIN_THRESHOLD) and the model tag.
+        `top_k`, `uncertain` (confidence below `threshold`, default RC_UNCERTAIN_THRESHOLD) and the model tag;
+        with `explain=true` also `heatmap` (class-activation maps and the crop box they cover).
         Errors are 4xx/503 with `{"error": {"code": ..., "message": ...}}`; codes are stable
         (e.g. missing_image, not_an_image, image_too_many_pixels, url_host_not_allowed, fetch_timeout).
         """
         try:
             with stages.timed("handler"):
-                info = await self.require_model()
+                info = await self.require_model(explain)
                 item = single_input(image_url, image)
-                pixels = (await self.load_input(item, info))[None]
-                prediction = (await self.predict(pixels, info, top_k, threshold))[0]
+                pixels, view = await self.load_input(item, info, explain)
+                predictions, maps = await self.predict(pixels[None], info, top_k, threshold, explain)
         except ServiceError as exc:
             return self.error_response(exc)  # type: ignore[return-value]  # BentoML sends Responses as they are
-        return to_classification(prediction, info)
+        first_maps = None if maps is None else maps[0]
+        return to_classification(predictions[0], info, heatmap(predictions[0], first_maps, view, info))
 
     @bentoml.api(route="/classify_batch")
     async def classify_batch(
@@ -209,6 +247,7 @@ class RoomClassifier:
         images: list[Path] = Field(default_factory=list, description="uploaded photos (multipart files)"),
         top_k: TopK = None,
         threshold: Threshold = None,
+        explain: Explain = False,
     ) -> BatchClassification:
         """Classify several photos at once (a listing's gallery): `image_urls` and/or uploaded `images`.
 
@@ -219,9 +258,9 @@ class RoomClassifier:
         """
         try:
             with stages.timed("handler"):
-                info = await self.require_model()
+                info = await self.require_model(explain)
                 items = batch_inputs(image_urls, images)
-                results = await self.classify_items(items, info, top_k, threshold)
+                results = await self.classify_items(items, info, top_k, threshold, explain)
         except ServiceError as exc:
             return self.error_response(exc)  # type: ignore[return-value]
         return BatchClassification(model=info.tag, results=results)
@@ -229,13 +268,14 @@ class RoomClassifier:
     # ---- steps ---------------------------------------------------------------------------------------
 
     async def classify_items(self, items: list[ImageInput], info: ModelInfo, top_k: Optional[int],
-                             threshold: Optional[float]) -> list[BatchItem]:
+                             threshold: Optional[float], explain: bool) -> list[BatchItem]:
         """Load every image concurrently; run the model once on the good ones; keep errors per image."""
         arrays: list[np.ndarray | ServiceError] = [None] * len(items)  # type: ignore[list-item]
+        views: list[PhotoView | None] = [None] * len(items)
 
         async def load(index: int) -> None:
             try:
-                arrays[index] = await self.load_input(items[index], info)
+                arrays[index], views[index] = await self.load_input(items[index], info, explain)
             except ServiceError as exc:
                 arrays[index] = exc
 
@@ -244,16 +284,22 @@ class RoomClassifier:
                 group.start_soon(load, index)
         good = [index for index, value in enumerate(arrays) if isinstance(value, np.ndarray)]
         predictions: dict[int, Prediction] = {}
+        heatmaps: dict[int, Heatmap | None] = {}
         if good:
             pixels = np.stack([arrays[index] for index in good])
-            predictions = dict(zip(good, await self.predict(pixels, info, top_k, threshold)))
-        return [BatchItem(input=item.name, result=to_classification(predictions[index], info))
+            answers, maps = await self.predict(pixels, info, top_k, threshold, explain)
+            predictions = dict(zip(good, answers))
+            heatmaps = {index: heatmap(predictions[index], None if maps is None else maps[row], views[index], info)
+                        for row, index in enumerate(good)}
+        return [BatchItem(input=item.name, result=to_classification(predictions[index], info, heatmaps[index]))
                 if index in predictions else
                 BatchItem(input=item.name, error=ErrorDetail(**arrays[index].to_dict()))  # type: ignore[union-attr]
                 for index, item in enumerate(items)]
 
-    async def load_input(self, item: ImageInput, info: ModelInfo) -> np.ndarray:
-        """URL or upload -> uint8 pixels [S, S, 3]; raises InputError for anything wrong with it."""
+    async def load_input(self, item: ImageInput, info: ModelInfo,
+                         explain: bool) -> tuple[np.ndarray, PhotoView | None]:
+        """URL or upload -> uint8 pixels [S, S, 3] (and, to explain, where they lie on the photo); raises
+        InputError for anything wrong with it."""
         if item.url is not None:
             if not CONFIG.url_fetch:
                 raise InputError(ErrorCode.URL_FETCH_DISABLED, "this server accepts uploads only (RC_URL_FETCH=false)")
@@ -265,41 +311,56 @@ class RoomClassifier:
             assert item.path is not None
             data = item.path
         with stages.timed("decode"):
-            return await anyio.to_thread.run_sync(self.decode_to_pixels, data, info, limiter=self.decode_limiter)
+            return await anyio.to_thread.run_sync(self.decode_to_pixels, data, info, explain,
+                                                  limiter=self.decode_limiter)
 
-    def decode_to_pixels(self, data: bytes | Path, info: ModelInfo) -> np.ndarray:
+    def decode_to_pixels(self, data: bytes | Path, info: ModelInfo,
+                         explain: bool) -> tuple[np.ndarray, PhotoView | None]:
         """Runs in a worker thread: Pillow releases the GIL for the heavy parts. Normalisation happens in
         the model process, on the whole batch: uint8 pixels are 4x fewer bytes to send there."""
         if isinstance(data, Path):
             data = read_upload(data, self.image_limits.max_bytes)
-        return bytes_to_pixels(data, info.preprocessing, self.image_limits, jpeg_draft=CONFIG.jpeg_draft)
+        if explain:
+            return bytes_to_pixels_and_view(data, info.preprocessing, self.image_limits, jpeg_draft=CONFIG.jpeg_draft)
+        return bytes_to_pixels(data, info.preprocessing, self.image_limits, jpeg_draft=CONFIG.jpeg_draft), None
 
-    async def predict(self, pixels: np.ndarray, info: ModelInfo, top_k: Optional[int],
-                      threshold: Optional[float]) -> list[Prediction]:
+    async def predict(self, pixels: np.ndarray, info: ModelInfo, top_k: Optional[int], threshold: Optional[float],
+                      explain: bool) -> tuple[list[Prediction], np.ndarray | None]:
+        """Predictions for uint8 pixels, and with `explain` the activation maps [N, labels, h, w]."""
         with stages.timed("model_call"):
-            logits = await self.run_model(pixels)
+            logits, maps = await self.run_model(pixels, explain)
         return postprocess(logits, info.labels, info.temperature,
                            top_k if top_k is not None else CONFIG.default_top_k,
-                           threshold if threshold is not None else CONFIG.uncertain_threshold)
+                           threshold if threshold is not None else CONFIG.uncertain_threshold), maps
 
-    async def run_model(self, pixels: np.ndarray) -> np.ndarray:
-        """Logits for uint8 pixels, batched with the other requests in flight; failures become 503s."""
+    async def run_model(self, pixels: np.ndarray, explain: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (and maps, with `explain`) for uint8 pixels, batched with the other requests in flight;
+        failures become 503s. A batch that another call asked maps for carries them: dropped here unless asked."""
         try:
-            return await self.batcher(pixels)
+            outputs = await self.batcher(pixels, explain=explain)
         except QueueTimeout as exc:
             raise ServiceError(ErrorCode.MODEL_OVERLOADED, f"the model is busy, retry shortly ({exc})") from None
         except Exception:  # noqa: BLE001 - whatever ONNX Runtime raised: a 503 with a log line, never a 500
             logger.exception("the model failed on a batch of %s", list(pixels.shape))
             raise ServiceError(ErrorCode.MODEL_UNAVAILABLE, "the model failed; see the server log") from None
+        if isinstance(outputs, tuple):
+            return outputs[0], outputs[1] if explain else None
+        return outputs, None
 
-    def run_batch(self, pixels: np.ndarray) -> np.ndarray:
-        """One ONNX Runtime call on a batch (in the batcher's thread)."""
+    def run_batch(self, pixels: np.ndarray, explain: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """One ONNX Runtime call on a batch (in the batcher's thread); the maps only when a call asked."""
         stages.observe_batch_size(len(pixels))
+        if explain:
+            return self.classifier.logits_and_maps_for_pixels(pixels)  # type: ignore[union-attr]
         return self.classifier.logits_for_pixels(pixels)  # type: ignore[union-attr]
 
-    async def require_model(self) -> ModelInfo:
+    async def require_model(self, explain: bool = False) -> ModelInfo:
         if self.classifier is None:
             raise ServiceError(ErrorCode.MODEL_UNAVAILABLE, f"the model is not available: {self.load_error}")
+        if explain and not self.classifier.can_explain:
+            raise InputError(ErrorCode.EXPLAIN_NOT_SUPPORTED,
+                             f"model {self.classifier.info.tag} ({self.classifier.info.architecture}) has no "
+                             "activation maps to explain with; ask without explain")
         return self.classifier.info
 
     async def health_payload(self) -> dict[str, Any]:
@@ -307,7 +368,7 @@ class RoomClassifier:
             return {"status": "unavailable", "error": self.load_error, "model": CONFIG.model_tag, "labels": []}
         info = self.classifier.info
         return {"status": "ok", "model": info.tag, "labels": list(info.labels), "architecture": info.architecture,
-                "model_info": info.to_dict(), "batching": self.batcher.stats(),
+                "explain": self.classifier.can_explain, "model_info": info.to_dict(), "batching": self.batcher.stats(),
                 "config": {"max_batch_size": CONFIG.max_batch_size, "max_latency_ms": CONFIG.max_latency_ms,
                            "max_concurrency": CONFIG.max_concurrency, "max_queued": CONFIG.max_queued,
                            "workers": CONFIG.workers, "ort_threads": CONFIG.ort_threads,
@@ -375,7 +436,17 @@ def read_upload(path: Path, max_bytes: int) -> bytes:
     return path.read_bytes()
 
 
-def to_classification(prediction: Prediction, info: ModelInfo) -> Classification:
+def to_classification(prediction: Prediction, info: ModelInfo, heatmap: Heatmap | None = None) -> Classification:
     return Classification(label=prediction.label, confidence=prediction.confidence,
                           probabilities=prediction.probabilities, top_k=prediction.top_k,
-                          uncertain=prediction.uncertain, model=info.tag)
+                          uncertain=prediction.uncertain, model=info.tag, heatmap=heatmap)
+
+
+def heatmap(prediction: Prediction, maps: np.ndarray | None, view: PhotoView | None,
+            info: ModelInfo) -> Heatmap | None:
+    """The answer's `heatmap` from its activation maps [labels, h, w]; None when the request did not ask."""
+    if maps is None or view is None:
+        return None
+    return Heatmap(crop_box=tuple(round(edge, 1) for edge in view.crop_box), image_size=view.size,
+                   maps=[ClassHeatmap(label=label, grid=heatmap_grid(maps[info.labels.index(label)]))
+                         for label in explained_labels(prediction)])

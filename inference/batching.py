@@ -9,6 +9,10 @@ traffic and polls its queue every millisecond: after a busy minute a single requ
 ~80 ms for company that never came (README, "Serving speed"). This keeps the same knobs:
 `max_batch_size` (1 turns batching off) and `max_wait_s`, the longest a call may queue before it is
 refused as overloaded.
+
+A call may ask for the model's extra outputs (`explain=True`: the class-activation maps). A batch fetches them
+only when one of its calls asked, so calls that did not ask cost what they always did, and a mixed batch still
+runs as one.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import collections
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 
 Observer = Callable[[str, float], None]
+Outputs = Union[np.ndarray, tuple[np.ndarray, ...]]  # one array, or several with the same first axis
 
 
 class QueueTimeout(Exception):
@@ -33,18 +38,20 @@ class QueueTimeout(Exception):
 class Job:
     inputs: np.ndarray
     future: asyncio.Future
+    explain: bool = False
     enqueued: float = field(default_factory=time.monotonic)
 
 
 class GreedyBatcher:
-    """Runs `run_batch` (inputs [N, ...] -> outputs [N, ...]) on batches of concurrent calls.
+    """Runs `run_batch(inputs [N, ...], explain) -> outputs [N, ...]` on batches of concurrent calls
+    (with `explain`, a tuple of arrays [N, ...]: each call gets its rows of each).
 
     `run_batch` runs in one dedicated thread, one batch at a time (ONNX Runtime's own threads do the
     parallel work), so the event loop stays free to take new calls. `observe(stage, seconds)`, if
     given, receives each call's queue wait ("queue") and each batch's run time ("inference").
     """
 
-    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_wait_s: float,
+    def __init__(self, run_batch: Callable[[np.ndarray, bool], Outputs], max_batch_size: int, max_wait_s: float,
                  observe: Optional[Observer] = None) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -55,10 +62,10 @@ class GreedyBatcher:
         self.worker: Optional[asyncio.Task] = None
         self.images_per_run: collections.Counter[int] = collections.Counter()
 
-    async def __call__(self, inputs: np.ndarray) -> np.ndarray:
+    async def __call__(self, inputs: np.ndarray, explain: bool = False) -> Outputs:
         """The outputs for `inputs`, computed in a batch with whatever else is queued."""
         loop = asyncio.get_running_loop()
-        job = Job(inputs, loop.create_future())
+        job = Job(inputs, loop.create_future(), explain=explain)
         self.queue.append(job)
         if self.worker is None or self.worker.done():
             self.worker = loop.create_task(self.drain())
@@ -74,7 +81,8 @@ class GreedyBatcher:
             batch = jobs[0].inputs if len(jobs) == 1 else np.concatenate([job.inputs for job in jobs])
             started = time.monotonic()
             try:
-                outputs = await loop.run_in_executor(self.executor, self.run_batch, batch)
+                explain = any(job.explain for job in jobs)
+                outputs = await loop.run_in_executor(self.executor, self.run_batch, batch, explain)
             except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the model's error
                 for job in jobs:
                     settle(job, exception=exc)
@@ -83,7 +91,7 @@ class GreedyBatcher:
             self.images_per_run[len(batch)] += 1
             start = 0
             for job in jobs:
-                settle(job, result=outputs[start:start + len(job.inputs)])
+                settle(job, result=rows(outputs, start, start + len(job.inputs)))
                 start += len(job.inputs)
 
     def next_batch(self) -> list[Job]:
@@ -118,7 +126,14 @@ class GreedyBatcher:
                 "images_per_run": {str(size): n for size, n in sorted(counts.items())}}
 
 
-def settle(job: Job, result: Optional[np.ndarray] = None, exception: Optional[BaseException] = None) -> None:
+def rows(outputs: Outputs, start: int, stop: int) -> Outputs:
+    """Rows start..stop of the batch's output (of each output, when there are several)."""
+    if isinstance(outputs, tuple):
+        return tuple(output[start:stop] for output in outputs)
+    return outputs[start:stop]
+
+
+def settle(job: Job, result: Optional[Outputs] = None, exception: Optional[BaseException] = None) -> None:
     """Complete a call unless its caller already gave up on it."""
     if job.future.done():
         return

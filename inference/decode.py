@@ -73,14 +73,25 @@ def decode_image(data: bytes, limits: ImageLimits, min_size: int | None = None) 
     resize size; without it (training's evaluation) every image decodes at full size. Images whose
     sides are below 2 x min_size decode at full size either way.
     """
+    return decode_image_sized(data, limits, min_size)[0]
+
+
+def decode_image_sized(data: bytes, limits: ImageLimits, min_size: int | None = None
+                       ) -> tuple[Image.Image, tuple[int, int]]:
+    """`decode_image`, and the photo's full size (width, height) in the decoded image's orientation: larger
+    than the image when a JPEG was decoded at reduced scale. Maps positions back onto the original photo."""
     check_byte_size(data, limits)
     image = open_image(data, limits)
     check_pixel_count(image, limits)
+    full_size = image.size
     if min_size:
         image.draft(image.mode, (min_size, min_size))  # a no-op for formats other than JPEG
     load_first_frame(image)
+    stored_size = image.size
     image = apply_exif_orientation(image)
-    return to_rgb(image)
+    if image.size != stored_size:  # rotated by a quarter turn
+        full_size = (full_size[1], full_size[0])
+    return to_rgb(image), full_size
 
 
 def check_byte_size(data: bytes, limits: ImageLimits) -> None:

@@ -53,6 +53,8 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_IMAGE_FORMAT = "unsupported_image_format", 415  # a known image format that is not on the allow-list
     NOT_AN_IMAGE = "not_an_image", 415
     CORRUPT_IMAGE = "corrupt_image", 422  # truncated or broken image data
+    # what the model can do
+    EXPLAIN_NOT_SUPPORTED = "explain_not_supported", 422  # explain=true, but the model has no activation maps
     # server side
     OVERLOADED = "overloaded", 429
     MODEL_OVERLOADED = "model_overloaded", 503

@@ -5,6 +5,9 @@ architecture, and whatever training recorded: metrics, dataset fingerprint, ...)
 runs the ONNX file and returns logits for a float32 [N, 3, H, W] batch (`logits`) or for uint8 pixels
 [N, H, W, 3] that it normalises itself (`logits_for_pixels`, what the service sends);
 `predict(images, top_k, threshold)` chains preprocessing, logits and postprocessing for decoded images.
+A model exported with class-activation maps (`training/activation_maps.py`) has a second output,
+`activation_maps` [N, num_labels, h, w]; `can_explain` says so, and `logits_and_maps(_for_pixels)` fetch both
+in one call. `logits` never asks ONNX Runtime for the maps, so a caller that does not want them does not pay.
 
 Build it from files (training's evaluation of the exported model):
     OnnxClassifier.from_files("model.onnx", metadata).logits(batch)
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
 ONNX_FILENAME = "model.onnx"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+MAPS_OUTPUT_NAME = "activation_maps"  # optional second output: per-class activation maps [N, labels, h, w]
 CORE_KEYS = ("tag", "labels", "preprocessing", "temperature", "architecture")
 
 
@@ -85,6 +89,7 @@ class OnnxClassifier:
         self.session = session
         self.info = info
         check_signature(session, info)
+        self.can_explain = any(node.name == MAPS_OUTPUT_NAME for node in session.get_outputs())
         warm_up(self)
 
     @classmethod
@@ -107,6 +112,19 @@ class OnnxClassifier:
     def logits_for_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] pixels (`inference.preprocess.bytes_to_pixels`) -> float32 [N, num_labels]."""
         return self.logits(normalize_pixels(pixels, self.info.preprocessing))
+
+    def logits_and_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [N, 3, S, S] -> (logits [N, num_labels], activation maps [N, num_labels, h, w]), one call.
+        Only for a model that `can_explain` (callers check it and answer with an error code otherwise)."""
+        if not self.can_explain:
+            raise ValueError(f"model {self.info.tag} has no '{MAPS_OUTPUT_NAME}' output")
+        feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+        logits, maps = self.session.run([OUTPUT_NAME, MAPS_OUTPUT_NAME], feed)
+        return logits, maps
+
+    def logits_and_maps_for_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [N, S, S, 3] pixels -> (logits, activation maps), as `logits_and_maps`."""
+        return self.logits_and_maps(normalize_pixels(pixels, self.info.preprocessing))
 
     def predict(self, images: Sequence[Image.Image], top_k: int, threshold: float) -> list[Prediction]:
         """Decoded RGB images -> predictions, the same steps the service runs (offline reference); `top_k` and
@@ -153,3 +171,8 @@ def warm_up(classifier: OnnxClassifier) -> None:
     if logits.shape != expected:
         raise ModelLoadError(f"model {classifier.info.tag}: output shape {list(logits.shape)} does not fit "
                              f"{len(classifier.info.labels)} labels (expected {list(expected)})")
+    if classifier.can_explain:
+        maps = classifier.logits_and_maps(np.zeros((2, 3, size, size), dtype=np.float32))[1]
+        if maps.ndim != 4 or maps.shape[:2] != expected:
+            raise ModelLoadError(f"model {classifier.info.tag}: '{MAPS_OUTPUT_NAME}' has shape {list(maps.shape)}, "
+                                 f"expected [2, {len(classifier.info.labels)}, h, w]")

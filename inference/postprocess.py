@@ -6,6 +6,10 @@
 
 How a prediction is written on the wire (the API's `class` field, bulk's result columns) is not decided here:
 service.py's `Classification` owns the API's shape, bulk/stages.py's `result_row` the bulk output's.
+
+`explained_labels` and `heatmap_grid` turn a model's class-activation maps (`activation_maps` [labels, h, w])
+into what an answer shows: the top class's map, and the second class's when the answer is uncertain, each
+scaled to 0..1 (min-max: the hottest cell is 1, the coldest 0).
 """
 
 from __future__ import annotations
@@ -45,6 +49,20 @@ def postprocess(logits: np.ndarray, labels: Sequence[str], temperature: float, t
         raise ValueError(f"expected logits of shape [N, {len(labels)}], got {list(logits.shape)}")
     k = max(1, min(int(top_k), len(labels)))
     return [prediction(row, labels, k, threshold) for row in softmax(logits, temperature)]
+
+
+def explained_labels(prediction: Prediction) -> list[str]:
+    """The classes whose maps an answer shows: the top one, and the runner-up when the answer is uncertain."""
+    ranked = [label for label, _ in prediction.probabilities]
+    return ranked[:2] if prediction.uncertain else ranked[:1]
+
+
+def heatmap_grid(class_map: np.ndarray, decimals: int = 3) -> list[list[float]]:
+    """One class's activation map [h, w] -> rows of cells scaled to 0..1 (all 0 for a flat map), rounded."""
+    values = np.asarray(class_map, dtype=np.float64)
+    low, span = values.min(), values.max() - values.min()
+    scaled = (values - low) / span if span > 0 else np.zeros_like(values)
+    return np.round(scaled, decimals).tolist()
 
 
 def prediction(probabilities: np.ndarray, labels: Sequence[str], top_k: int, threshold: float) -> Prediction:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from inference.decode import ImageLimits, decode_image
+from inference.decode import ImageLimits, decode_image, decode_image_sized
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,16 +43,53 @@ class Preprocessing:
                    mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]))
 
 
+Box = tuple[float, float, float, float]  # left, top, right, bottom
+
+
 def resize_and_crop(image: Image.Image, config: Preprocessing) -> Image.Image:
     """Shorter side to `resize_size`, then the central `image_size` square (torchvision's eval transform)."""
-    image = trim_long_side(image)
-    width, height = image.size
+    trim, resized, (left, top) = crop_geometry(*image.size, config)
+    if trim is not None:
+        image = image.crop(trim)
+    image = image.resize(resized, Image.BILINEAR)
+    return image.crop((left, top, left + config.image_size, top + config.image_size))
+
+
+def crop_geometry(width: int, height: int, config: Preprocessing
+                  ) -> tuple[tuple[int, int, int, int] | None, tuple[int, int], tuple[int, int]]:
+    """The numbers `resize_and_crop` uses for a `width` x `height` image: the box `trim_long_side` keeps (None
+    for ordinary photos), the resized size, and the crop's top-left corner in the resized image."""
+    trim = trim_box(width, height)
+    if trim is not None:
+        width, height = trim[2] - trim[0], trim[3] - trim[1]
     scale = config.resize_size / min(width, height)
     new_w, new_h = max(config.image_size, round(width * scale)), max(config.image_size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.BILINEAR)
     left = int(round((new_w - config.image_size) / 2.0))
     top = int(round((new_h - config.image_size) / 2.0))
-    return image.crop((left, top, left + config.image_size, top + config.image_size))
+    return trim, (new_w, new_h), (left, top)
+
+
+def crop_box(width: int, height: int, config: Preprocessing) -> Box:
+    """The part of a `width` x `height` image the model sees, in that image's pixel coordinates (edges, not
+    pixel centres): where an overlay of the model's view (a heatmap) lands on the photo."""
+    trim, (new_w, new_h), (left, top) = crop_geometry(width, height, config)
+    x0, y0, x1, y1 = trim if trim is not None else (0, 0, width, height)
+    scale_x, scale_y = (x1 - x0) / new_w, (y1 - y0) / new_h  # resizing maps edges linearly
+    size = config.image_size
+    return (x0 + left * scale_x, y0 + top * scale_y, x0 + (left + size) * scale_x, y0 + (top + size) * scale_y)
+
+
+def trim_box(width: int, height: int, max_aspect_ratio: float = 2.0) -> tuple[int, int, int, int] | None:
+    """The central box `trim_long_side` keeps of a `width` x `height` image; None when it keeps it whole."""
+    short, long = min(width, height), max(width, height)
+    if long <= short * max_aspect_ratio:
+        return None
+    keep = int(short * max_aspect_ratio)
+    if width > height:
+        left = (width - keep) // 2
+        return (left, 0, left + keep, height)
+    top = (height - keep) // 2
+    return (0, top, width, top + keep)
 
 
 def trim_long_side(image: Image.Image, max_aspect_ratio: float = 2.0) -> Image.Image:
@@ -61,16 +98,8 @@ def trim_long_side(image: Image.Image, max_aspect_ratio: float = 2.0) -> Image.I
     Only the central square survives the crop anyway; without this a 1x10000 strip would be resized to
     256x2,560,000 pixels (gigabytes) on the way. Ordinary photos (up to 2:1) pass untouched.
     """
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    if long <= short * max_aspect_ratio:
-        return image
-    keep = int(short * max_aspect_ratio)
-    if width > height:
-        left = (width - keep) // 2
-        return image.crop((left, 0, left + keep, height))
-    top = (height - keep) // 2
-    return image.crop((0, top, width, top + keep))
+    box = trim_box(*image.size, max_aspect_ratio)
+    return image if box is None else image.crop(box)
 
 
 def to_pixels(image: Image.Image, config: Preprocessing) -> np.ndarray:
@@ -124,3 +153,23 @@ def bytes_to_input(data: bytes, config: Preprocessing, limits: ImageLimits, jpeg
     """Untrusted image bytes -> normalised float32 model input (3, S, S): `bytes_to_pixels`, then
     `normalize_pixels` (what the service's model process does to the pixels it receives)."""
     return normalize_pixels(bytes_to_pixels(data, config, limits, jpeg_draft)[None], config)[0]
+
+
+@dataclass(frozen=True)
+class PhotoView:
+    """Where the model's view lies on the original photo: `crop_box` in its pixels, and its `size` (width,
+    height), both as the photo is displayed (EXIF orientation applied), whatever scale it was decoded at."""
+
+    crop_box: Box
+    size: tuple[int, int]
+
+
+def bytes_to_pixels_and_view(data: bytes, config: Preprocessing, limits: ImageLimits, jpeg_draft: bool
+                             ) -> tuple[np.ndarray, PhotoView]:
+    """`bytes_to_pixels` (the same pixels), and where they lie on the original photo (for heatmaps)."""
+    min_size = config.resize_size if jpeg_draft else None
+    image, full_size = decode_image_sized(data, limits, min_size=min_size)
+    left, top, right, bottom = crop_box(*image.size, config)
+    scale_x, scale_y = full_size[0] / image.width, full_size[1] / image.height  # a reduced-scale JPEG decode
+    box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
+    return to_pixels(image, config), PhotoView(crop_box=box, size=full_size)

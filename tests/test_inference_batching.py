@@ -22,13 +22,15 @@ class SlowModel:
         if not gated:
             self.gate.set()
         self.sizes: list[int] = []
+        self.explained: list[bool] = []
         self.started = threading.Event()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray, explain: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         self.started.set()
         self.gate.wait(timeout=10)
         self.sizes.append(len(batch))
-        return batch * 2
+        self.explained.append(explain)
+        return (batch * 2, batch * 10) if explain else batch * 2
 
 
 def inputs(value: float, images: int = 1) -> np.ndarray:
@@ -123,7 +125,7 @@ def test_a_call_that_waited_too_long_is_refused_and_the_rest_go_on() -> None:
 
 
 def test_an_error_reaches_every_caller_of_the_batch() -> None:
-    def broken(batch: np.ndarray) -> np.ndarray:
+    def broken(batch: np.ndarray, explain: bool) -> np.ndarray:
         raise RuntimeError("onnx says no")
 
     async def scenario() -> list[object]:
@@ -169,3 +171,25 @@ def test_statistics_can_be_read_while_batches_run() -> None:
     stats = asyncio.run(scenario())
     assert stats["images"] == sum(1 + value % 3 for value in range(60))
     assert stats["onnx_runs"] == len(model.sizes)
+
+
+def test_extra_outputs_are_fetched_only_for_batches_that_ask_and_each_caller_gets_its_rows() -> None:
+    """A batch asks the model for its maps only when one of its calls wants them; a mixed batch is still one
+    run, and each caller gets its own rows of every output."""
+    model = SlowModel(gated=True)
+
+    async def scenario() -> tuple[object, ...]:
+        batcher = GreedyBatcher(model, max_batch_size=16, max_wait_s=5.0)
+        first = asyncio.create_task(batcher(inputs(0)))
+        await asyncio.to_thread(model.started.wait, 5)
+        plain = asyncio.create_task(batcher(inputs(1)))
+        explained = asyncio.create_task(batcher(inputs(2, images=2), explain=True))
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        return await first, await plain, await explained
+
+    first, plain, explained = asyncio.run(scenario())
+    assert model.sizes == [1, 3] and model.explained == [False, True]
+    assert np.array_equal(first, inputs(0))
+    assert np.array_equal(plain[0], inputs(2.0)) and np.array_equal(plain[1], inputs(10.0))
+    assert np.array_equal(explained[0], inputs(4.0, images=2)) and np.array_equal(explained[1], inputs(20.0, images=2))

@@ -5,11 +5,17 @@ fixed weights chosen so that plain colours land on different classes after Image
 red -> bedroom, green -> kitchen, blue -> bathroom, black -> living_room. It follows the serving
 contract (input `input` float32 [N,3,224,224] with dynamic N, output `logits` [N,4], opset 17).
 
+The explainable variant (`explainable=True`) pools the image to a 7x7 grid of 32x32-pixel cells first
+(AveragePool -> GlobalAveragePool -> Flatten -> Gemm: the same logits) and gets the class-activation maps
+output from `training.activation_maps`, as a real export does: its bedroom map is hot where the photo is red.
+The plain one has no feature map, so it is the model that cannot explain.
+
 `register_tiny_model()` saves it into whatever BENTOML_HOME the current process uses, through the same
 `training.register.save_to_model_store` that real training uses. From a shell:
 
     BENTOML_HOME=/tmp/bm python -m tests.tiny_model          # prints the tag
     BENTOML_HOME=/tmp/bm python -m tests.tiny_model --json   # tag, model directory and metadata
+    BENTOML_HOME=/tmp/bm python -m tests.tiny_model --explainable
 """
 
 from __future__ import annotations
@@ -39,11 +45,17 @@ TINY_WEIGHTS = np.array([[-1.0, -1.0, 2.0],   # bathroom: blue
 TINY_BIAS = np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32)
 
 
-def build_tiny_onnx(path: Path) -> Path:
+GRID_CELL = 32  # the explainable variant's feature map: 224 / 32 = 7x7 cells, like MobileNetV2's
+
+
+def build_tiny_onnx(path: Path, explainable: bool = False) -> Path:
     """Write the tiny classifier to `path` and return it."""
+    cells = [helper.make_node("AveragePool", ["input"], ["cells"], kernel_shape=[GRID_CELL, GRID_CELL],
+                              strides=[GRID_CELL, GRID_CELL])]
     graph = helper.make_graph(
         nodes=[
-            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            *(cells if explainable else []),
+            helper.make_node("GlobalAveragePool", ["cells" if explainable else "input"], ["pooled"]),
             helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
             helper.make_node("Gemm", ["features", "weight", "bias"], ["logits"], transB=1),
         ],
@@ -55,6 +67,10 @@ def build_tiny_onnx(path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests.tiny_model")
     model.ir_version = 8
     onnx.checker.check_model(model)
+    if explainable:
+        from training.activation_maps import add_activation_maps
+
+        model = add_activation_maps(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, path)
@@ -73,20 +89,21 @@ def tiny_metadata() -> dict[str, Any]:
     }
 
 
-def register_tiny_model():  # -> bentoml.Tag
+def register_tiny_model(explainable: bool = False):  # -> bentoml.Tag
     """Save the tiny model as `room_classifier` in the current BentoML home; return its tag."""
     from training.register import save_to_model_store  # imports bentoml: keep it out of module import
 
     with tempfile.TemporaryDirectory() as workdir:
-        onnx_path = build_tiny_onnx(Path(workdir) / "model.onnx")
+        onnx_path = build_tiny_onnx(Path(workdir) / "model.onnx", explainable)
         return save_to_model_store(onnx_path, tiny_metadata())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print tag, model directory and metadata as JSON")
+    parser.add_argument("--explainable", action="store_true", help="the variant with activation maps")
     args = parser.parse_args()
-    tag = register_tiny_model()
+    tag = register_tiny_model(args.explainable)
     if not args.json:
         print(tag)
         return

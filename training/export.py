@@ -1,4 +1,8 @@
-"""Export the fine-tuned network to one self-contained ONNX file and check it against torch."""
+"""Export the fine-tuned network to one self-contained ONNX file and check it against torch.
+
+The file gets the class-activation maps as a second output where the network ends in pooling + a linear layer
+(`training/activation_maps.py`; MobileNetV2 and ResNet do, MobileNetV3's two-layer head does not).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,14 @@ import torch
 from torch import nn
 
 from inference.model import INPUT_NAME, OUTPUT_NAME
+from training.activation_maps import NoActivationMaps, add_activation_maps
 
 OPSET = 18
 
 
-def export_onnx(model: nn.Module, path: Path, image_size: int) -> Path:
-    """Write `model` as a single ONNX file (weights inside, never a side `.onnx.data` file), dynamic batch."""
+def export_onnx(model: nn.Module, path: Path, image_size: int, activation_maps: bool = True) -> Path:
+    """Write `model` as a single ONNX file (weights inside, never a side `.onnx.data` file), dynamic batch;
+    with `activation_maps`, add them as a second output where the network has them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
     example = torch.randn(2, 3, image_size, image_size)
@@ -28,6 +34,11 @@ def export_onnx(model: nn.Module, path: Path, image_size: int) -> Path:
                           dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
+    if activation_maps:
+        try:
+            onnx.save(add_activation_maps(proto), str(path))
+        except NoActivationMaps as exc:
+            print(f"exported without activation maps (explain=true will be refused): {exc}")
     side_files = list(path.parent.glob(path.name + ".data"))
     if side_files:
         raise RuntimeError(f"export wrote external data {side_files}; the model must be one file")

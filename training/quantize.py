@@ -5,6 +5,9 @@ one extreme activation no longer stretches the range and costs every other value
 validation (README, "Distillation"): of two distilled MobileNetV2s, INT8 lost 0.87 and 0.30 points of val
 accuracy against FP32 with min/max ranges, 0.13 and 0.43 with percentile ranges (0.30 points better on
 average); the graph, and so the speed, is the same.
+
+A file with class-activation maps is quantized without them and gets them back afterwards
+(`training.activation_maps`), so the INT8 logits are those of the plain graph's INT8 file, bit for bit.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -21,6 +25,8 @@ from onnxruntime.quantization import (
     quant_pre_process,
     quantize_static,
 )
+
+from training.activation_maps import add_activation_maps, has_activation_maps, remove_activation_maps
 
 CALIBRATION_PERCENTILE = 99.99
 
@@ -37,13 +43,17 @@ class ArrayReader(CalibrationDataReader):
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray, input_name: str = "input") -> Path:
     """QDQ, per-channel int8 weights, uint8 activations with percentile ranges; shape inference first, as
-    ONNX Runtime advises."""
+    ONNX Runtime advises. Activation maps, if `fp32_path` has them, are added to the INT8 graph afterwards."""
+    source = onnx.load(str(fp32_path))
     with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))
+        plain, prepared = Path(tmp) / "plain.onnx", Path(tmp) / "prepared.onnx"
+        onnx.save(remove_activation_maps(source), str(plain))
+        quant_pre_process(str(plain), str(prepared))
         quantize_static(str(prepared), str(int8_path), ArrayReader(input_name, calibration_images),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.Percentile,
                         extra_options={"CalibPercentile": CALIBRATION_PERCENTILE})
+    if has_activation_maps(source):
+        onnx.save(add_activation_maps(onnx.load(str(int8_path))), str(int8_path))
     return int8_path

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
+import onnx
 
-from inference.model import CORE_KEYS, ONNX_FILENAME
+from inference.model import CORE_KEYS, MAPS_OUTPUT_NAME, ONNX_FILENAME
 
 MODEL_NAME = "room_classifier"
 REQUIRED_METADATA = tuple(key for key in CORE_KEYS if key != "tag")  # the tag is the store's own
@@ -21,12 +22,21 @@ def save_to_model_store(onnx_path: Path, metadata: dict[str, Any], name: str = M
     """Copy `onnx_path` into a new model-store version of `name` with `metadata`; return its tag.
 
     The metadata must carry what the service needs to serve the file correctly: labels in output order,
-    the preprocessing dict, the softmax temperature and the architecture name.
+    the preprocessing dict, the softmax temperature and the architecture name. `explainable` is added from
+    the file itself: whether it has the class-activation maps output (what `explain=true` needs).
     """
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise ValueError(f"model metadata lacks {missing}")
-    labels = {"task": "image-classification", "classes": "-".join(metadata["labels"])}
+    metadata = {**metadata, "explainable": has_maps_output(onnx_path)}
+    labels = {"task": "image-classification", "classes": "-".join(metadata["labels"]),
+              "explainable": str(metadata["explainable"]).lower()}
     with bentoml.models.create(name, metadata=metadata, labels=labels) as model:
         shutil.copyfile(onnx_path, Path(model.path) / ONNX_FILENAME)
     return model.tag
+
+
+def has_maps_output(onnx_path: Path) -> bool:
+    """Whether the ONNX file has the `activation_maps` output (training/activation_maps.py)."""
+    outputs = onnx.load(str(onnx_path), load_external_data=False).graph.output
+    return any(output.name == MAPS_OUTPUT_NAME for output in outputs)
