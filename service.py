@@ -85,8 +85,8 @@ class ClassHeatmap(BaseModel):
 
     label: str = Field(alias="class", description="the class this map explains")
     grid: list[list[float]] = Field(
-        description="rows (top to bottom) of cells (left to right), 0..1: how much each part of `crop_box` drove "
-                    "this class (1 = the most, 0 = the least); 7x7 for the served MobileNetV2")
+        description="rows (top to bottom) of cells (left to right), 0..1: how much each part of `crop_box` spoke "
+                    "for this class (1 = the most, 0 = not at all or against it); 7x7 for MobileNetV2")
 
 
 class Heatmap(BaseModel):

@@ -9,7 +9,7 @@ service.py's `Classification` owns the API's shape, bulk/stages.py's `result_row
 
 `explained_labels` and `heatmap_grid` turn a model's class-activation maps (`activation_maps` [labels, h, w])
 into what an answer shows: the top class's map, and the second class's when the answer is uncertain, each
-scaled to 0..1 (min-max: the hottest cell is 1, the coldest 0).
+scaled to 0..1 as Grad-CAM does: cells that speak against the class are 0, the one that speaks most for it 1.
 """
 
 from __future__ import annotations
@@ -58,10 +58,12 @@ def explained_labels(prediction: Prediction) -> list[str]:
 
 
 def heatmap_grid(class_map: np.ndarray, decimals: int = 3) -> list[list[float]]:
-    """One class's activation map [h, w] -> rows of cells scaled to 0..1 (all 0 for a flat map), rounded."""
-    values = np.asarray(class_map, dtype=np.float64)
-    low, span = values.min(), values.max() - values.min()
-    scaled = (values - low) / span if span > 0 else np.zeros_like(values)
+    """One class's activation map [h, w] -> rows of cells, 0..1, rounded: the positive evidence for the class
+    over its largest value (all 0 when no cell is for it). Negative cells are clipped, not scaled in: with
+    min-max scaling a neutral background would light up wherever it is less against the class than the rest."""
+    values = np.maximum(np.asarray(class_map, dtype=np.float64), 0.0)
+    peak = values.max()
+    scaled = values / peak if peak > 0 else values
     return np.round(scaled, decimals).tolist()
 
 

@@ -82,7 +82,7 @@ def test_a_known_pixel_lands_in_the_right_map_cell(client: bentoml.SyncHTTPClien
     [bedroom] = heatmap["maps"]
     assert bedroom["class"] == "bedroom" and len(bedroom["grid"]) == 7 and {len(r) for r in bedroom["grid"]} == {7}
     assert hottest_cell(bedroom["grid"]) == cell
-    assert max(map(max, bedroom["grid"])) == 1.0 and min(map(min, bedroom["grid"])) == 0.0
+    assert max(map(max, bedroom["grid"])) == 1.0 and min(map(min, bedroom["grid"])) >= 0.0
 
 
 def test_uncertain_answers_explain_the_first_two_classes(client: bentoml.SyncHTTPClient, tmp_path: Path) -> None:
