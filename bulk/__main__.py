@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="concurrent downloads/reads per decode task")
     parser.add_argument("--part-rows", type=positive(int), default=DEFAULTS.part_rows,
                         help="result rows per part file (a part is also written every 30 s)")
+    parser.add_argument("--explain", action="store_true",
+                        help="add the top class's heatmap grid (list column `heatmap`) and the crop box it covers "
+                        "(`heatmap_crop_box`) to every row; needs a model with activation maps and Parquet output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
@@ -73,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          format=args.format, column=args.column, batch_size=args.batch_size, actors=args.actors,
                          actor_cpus=args.actor_cpus, load_cpus=args.load_cpus,
                          load_tasks=args.load_tasks, ort_threads=args.ort_threads,
-                         fetch_threads=args.fetch_threads, part_rows=args.part_rows, progress=not args.no_progress)
+                         fetch_threads=args.fetch_threads, part_rows=args.part_rows, progress=not args.no_progress,
+                         explain=args.explain)
     try:
         summary = run_job(options)
     except (SourceError, ModelNotFound, ModelLoadError, JobMismatch, ValueError) as exc:

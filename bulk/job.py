@@ -62,6 +62,7 @@ class JobOptions:
     fetch_threads: int = 16
     part_rows: int = 5000
     progress: bool = True
+    explain: bool = False  # add the top class's heatmap grid and crop box to every row (Parquet only)
 
 
 @dataclass(frozen=True)
@@ -96,16 +97,18 @@ def run_job(options: JobOptions) -> dict[str, Any]:
     bundle = read_model_bundle(options.model or config.model_tag)
     info = bundle.info
     fmt = output_format(options)
+    if options.explain:
+        check_can_explain(bundle, fmt)
     work = WorkDir(options.out.resolve())
     resumed = work.start(JobSpec(source=str(options.source.resolve()), column=options.column, model=bundle.tag,
-                                 format=fmt))
+                                 format=fmt, explain=options.explain))
     if not work.inputs.exists():
         write_input_list(options.source, work.inputs, options.column)
     total = read_input_count(work)
     done = work.done_rows(total)
     pending = total - int(done.sum())
-    schema = result_schema(info.labels)
-    settings = LoadSettings.from_config(config, info, base_dir(options.source))
+    schema = result_schema(info.labels, options.explain)
+    settings = LoadSettings.from_config(config, info, base_dir(options.source), options.explain)
     stream = StreamStats()
     if pending:
         stream = classify_pending(work, done, pending, bundle, settings, config.uncertain_threshold, schema,
@@ -119,6 +122,16 @@ def run_job(options: JobOptions) -> dict[str, Any]:
                "pipeline_images_per_s": stream.pipeline_rate()}
     work.write_summary(summary)
     return summary
+
+
+def check_can_explain(bundle: ModelBundle, fmt: str) -> None:
+    """--explain needs a model with activation maps (its metadata says so) and a format with list columns."""
+    if not bundle.metadata.get("explainable", False):
+        raise ValueError(f"model {bundle.tag} has no activation maps (metadata 'explainable' is not true), so it "
+                         "cannot explain; run without --explain or use a model exported with them")
+    if fmt != "parquet":
+        raise ValueError("--explain writes the heatmap as a list column, which CSV cannot hold: use a .parquet "
+                         "RESULTS file")
 
 
 def read_input_count(work: WorkDir) -> int:
@@ -184,7 +197,7 @@ def classified_batches(blocks: list, bundle_ref: Any, settings: LoadSettings, th
         batch_size=options.batch_size, batch_format="numpy", num_cpus=options.load_cpus,
         compute=ray.data.TaskPoolStrategy(size=resources.load_tasks))
     dataset = dataset.map_batches(
-        Classify, fn_constructor_args=(bundle_ref, options.ort_threads, threshold),
+        Classify, fn_constructor_args=(bundle_ref, options.ort_threads, threshold, options.explain),
         compute=ray.data.ActorPoolStrategy(size=resources.actors), batch_size=options.batch_size,
         batch_format="numpy", num_cpus=options.actor_cpus,
         scheduling_strategy="SPREAD")  # one model per node before two on one: every node's cores get used

@@ -43,6 +43,7 @@ class JobSpec:
     column: str | None
     model: str
     format: str
+    explain: bool = False  # the heatmap columns: a rerun with or without --explain is another job
 
 
 class WorkDir:

@@ -6,6 +6,10 @@
 - `Classify` (a pool of Ray actors): model inputs -> logits (`OnnxClassifier.logits`) -> result rows
   (`to_results`, i.e. `inference.postprocess.postprocess`).
 
+With `explain` (`--explain`) the load step also records where the model's view lies on each photo and the
+actors fetch the class-activation maps: each row gets `heatmap`, the top class's grid as the API gives it (a
+list of rows), and `heatmap_crop_box`, the part of the photo it covers ([left, top, right, bottom] pixels).
+
 Limits, URL allow-list, timeouts and threshold come from `inference.config.ServiceConfig` (`LoadSettings.
 from_config`), the service's own declaration. Nothing here imports bentoml.
 """
@@ -28,8 +32,8 @@ from inference.decode import ImageLimits
 from inference.errors import ErrorCode, InputError, ServiceError
 from inference.fetch import UrlPolicy, fetch_url
 from inference.model import ModelInfo
-from inference.postprocess import Prediction, postprocess
-from inference.preprocess import Preprocessing, bytes_to_pixels
+from inference.postprocess import Prediction, heatmap_grid, postprocess
+from inference.preprocess import Preprocessing, bytes_to_pixels, bytes_to_pixels_and_view
 
 OK = ""  # error_code of a row that was classified
 
@@ -44,11 +48,13 @@ class LoadSettings:
     url_fetch: bool
     jpeg_draft: bool
     base_dir: str  # relative paths of a list file are read from here
+    explain: bool = False  # also record each photo's crop box (for the heatmaps)
 
     @classmethod
-    def from_config(cls, config: ServiceConfig, info: ModelInfo, base_dir: Path) -> "LoadSettings":
+    def from_config(cls, config: ServiceConfig, info: ModelInfo, base_dir: Path,
+                    explain: bool = False) -> "LoadSettings":
         return cls(preprocessing=info.preprocessing, limits=config.image_limits(), url_policy=config.url_policy(),
-                   url_fetch=config.url_fetch, jpeg_draft=config.jpeg_draft, base_dir=str(base_dir))
+                   url_fetch=config.url_fetch, jpeg_draft=config.jpeg_draft, base_dir=str(base_dir), explain=explain)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -97,11 +103,18 @@ def read_or_error(text: str, settings: LoadSettings) -> bytes | ServiceError:
         return ServiceError(ErrorCode.INTERNAL_ERROR, f"reading the input failed ({type(exc).__name__}: {exc})")
 
 
-def model_input_or_error(data: bytes | ServiceError, settings: LoadSettings) -> np.ndarray | ServiceError:
+def model_input_and_box(data: bytes, settings: LoadSettings) -> tuple[np.ndarray, tuple[float, ...]]:
+    """`to_model_input`, and the crop box of the model's view in the photo's pixels."""
+    pixels, view = bytes_to_pixels_and_view(data, settings.preprocessing, settings.limits, settings.jpeg_draft)
+    return pixels, view.crop_box
+
+
+def model_input_or_error(data: bytes | ServiceError, settings: LoadSettings
+                         ) -> np.ndarray | tuple[np.ndarray, tuple[float, ...]] | ServiceError:
     if isinstance(data, ServiceError):
         return data
     try:
-        return to_model_input(data, settings)
+        return model_input_and_box(data, settings) if settings.explain else to_model_input(data, settings)
     except ServiceError as exc:
         return exc
     except Exception as exc:  # noqa: BLE001
@@ -120,14 +133,18 @@ def load_batch(batch: dict[str, np.ndarray], settings: LoadSettings, fetch_threa
         fetched = list(pool.map(partial(read_or_error, settings=settings), inputs))
     loaded = [model_input_or_error(data, settings) for data in fetched]
     errors = [value if isinstance(value, ServiceError) else None for value in loaded]
+    boxes = [value[1] if isinstance(value, tuple) else (0.0,) * 4 for value in loaded]
+    loaded = [value[0] if isinstance(value, tuple) else value for value in loaded]
     arrays = [value for value in loaded if isinstance(value, np.ndarray)]
     blank = np.zeros_like(arrays[0]) if arrays else blank_model_input(settings)
+    crop_boxes = {"crop_box": np.asarray(boxes, dtype=np.float64)} if settings.explain else {}
     return {
         "row": np.asarray(batch["row"], dtype=np.int64),
         "input": np.asarray(inputs, dtype=object),
         "pixels": np.stack([blank if error else value for value, error in zip(loaded, errors)]),
         "error_code": np.asarray([error.code if error else OK for error in errors], dtype=object),
         "error_message": np.asarray([error.message if error else OK for error in errors], dtype=object),
+        **crop_boxes,
     }
 
 
@@ -139,7 +156,8 @@ def blank_model_input(settings: LoadSettings) -> np.ndarray:
     if settings not in _BLANKS:
         buffer = io.BytesIO()
         Image.new("RGB", (settings.preprocessing.resize_size,) * 2).save(buffer, "PNG")
-        _BLANKS[settings] = np.zeros_like(to_model_input(buffer.getvalue(), settings))
+        _BLANKS[settings] = np.zeros_like(bytes_to_pixels(buffer.getvalue(), settings.preprocessing, settings.limits,
+                                                          settings.jpeg_draft))
     return _BLANKS[settings]
 
 
@@ -150,28 +168,52 @@ def blank_model_input(settings: LoadSettings) -> np.ndarray:
 class Classify:
     """A Ray Data actor holding one ONNX Runtime session, built once from the shipped model bundle."""
 
-    def __init__(self, bundle_ref: Any, ort_threads: int, threshold: float) -> None:
+    def __init__(self, bundle_ref: Any, ort_threads: int, threshold: float, explain: bool = False) -> None:
         import ray
 
         from bulk.model import load_classifier
 
         self.classifier = load_classifier(ray.get(bundle_ref), ort_threads)  # one copy per node, via Ray
         self.threshold = threshold
+        self.explain = explain
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         good = np.asarray([code == OK for code in batch["error_code"]], dtype=bool)
-        logits = self.classifier.logits_for_pixels(batch["pixels"][good])
-        return to_results(batch, good, logits, self.classifier.info, self.threshold)
+        pixels = batch["pixels"][good]
+        if not self.explain:
+            return to_results(batch, good, self.classifier.logits_for_pixels(pixels), self.classifier.info,
+                              self.threshold)
+        logits, maps = (self.classifier.logits_and_maps_for_pixels(pixels) if len(pixels) else
+                        (np.zeros((0, len(self.classifier.info.labels)), np.float32), None))
+        return to_results(batch, good, logits, self.classifier.info, self.threshold, maps)
 
 
 def to_results(batch: dict[str, np.ndarray], good: np.ndarray, logits: np.ndarray, info: ModelInfo,
-               threshold: float) -> pa.Table:
-    """Logits of the good rows -> one result row per input row (errors keep their code and message)."""
-    predictions = iter(postprocess(logits, info.labels, info.temperature, len(info.labels), threshold))
-    rows = [result_row(row, text, next(predictions) if ok else None, code, message, info)
-            for row, text, ok, code, message in zip(batch["row"], batch["input"], good, batch["error_code"],
-                                                     batch["error_message"])]
-    return pa.Table.from_pylist(rows, schema=result_schema(info.labels))
+               threshold: float, maps: np.ndarray | None = None) -> pa.Table:
+    """Logits (and, to explain, activation maps) of the good rows -> one result row per input row (errors
+    keep their code and message). A batch with a `crop_box` column is explained."""
+    explain = "crop_box" in batch
+    predictions = postprocess(logits, info.labels, info.temperature, len(info.labels), threshold)
+    grids = top_class_heatmaps(predictions, maps, info) if explain else [None] * len(predictions)
+    answers = iter(zip(predictions, grids))
+    rows = []
+    for index, ok in enumerate(good):
+        prediction, grid = next(answers) if ok else (None, None)
+        row = result_row(batch["row"][index], batch["input"][index], prediction, batch["error_code"][index],
+                         batch["error_message"][index], info)
+        if grid is not None:
+            row.update(heatmap=grid, heatmap_crop_box=[round(float(edge), 1) for edge in batch["crop_box"][index]])
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=result_schema(info.labels, explain))
+
+
+def top_class_heatmaps(predictions: list[Prediction], maps: np.ndarray | None,
+                       info: ModelInfo) -> list[list[list[float]]]:
+    """The top class's grid of each prediction, scaled as the API scales it."""
+    if maps is None:
+        return []
+    return [heatmap_grid(maps[row, info.labels.index(prediction.label)])
+            for row, prediction in enumerate(predictions)]
 
 
 def result_row(row: int, text: str, prediction: Prediction | None, code: str, message: str,
@@ -190,11 +232,14 @@ def probability_column(label: str) -> str:
     return f"p_{label}"
 
 
-def result_schema(labels: Sequence[str]) -> pa.Schema:
-    """The result file's columns; nulls in class..uncertain for an input that failed (error_code says why)."""
+def result_schema(labels: Sequence[str], explain: bool = False) -> pa.Schema:
+    """The result file's columns; nulls in class..uncertain for an input that failed (error_code says why).
+    With `explain`, two list columns follow: the top class's heatmap grid (rows of cells) and its crop box."""
+    heatmap = [("heatmap", pa.list_(pa.list_(pa.float32()))), ("heatmap_crop_box", pa.list_(pa.float64()))]
     return pa.schema([("row", pa.int64()), ("input", pa.string()), ("class", pa.string()),
                       ("confidence", pa.float64()),
                       *[(probability_column(label), pa.float64()) for label in labels],
                       ("uncertain", pa.bool_()), ("model", pa.string()),
-                      ("error_code", pa.string()), ("error_message", pa.string())])
+                      ("error_code", pa.string()), ("error_message", pa.string()),
+                      *(heatmap if explain else [])])
 
