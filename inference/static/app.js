@@ -1,5 +1,7 @@
 // Room Classifier page: add photos (drop, pick, paste, URL), send them to /classify or /classify_batch,
-// show each answer next to its photo, download the gallery as CSV.
+// show each answer next to its photo, download the gallery as CSV. With "Why?" on, requests ask for
+// explain=true and each photo's heatmap (the API's 0..1 grid over its crop box) is drawn on a canvas over the
+// thumbnail, where the thumbnail shows that part of the photo.
 // Every string from the service or the user goes into the page as text (textContent), never as HTML,
 // and no handler is inline: the page's Content-Security-Policy allows scripts from this origin only.
 "use strict";
@@ -12,6 +14,8 @@
     maxPerRequest: 1, // until /health gives RC_MAX_IMAGES_PER_REQUEST: one photo a request is always within it
     entries: [], // one per photo: {name, source, file, url, card, objectUrl, result, error}
     busy: 0,
+    canExplain: false, // /health's `explain`: the model has activation maps
+    why: false, // the "Why?" toggle: ask for heatmaps and show them
   };
 
   const byId = (id) => document.getElementById(id);
@@ -59,6 +63,11 @@
       byId("url-form").querySelector("button").disabled = true;
       byId("url-problem").textContent = "This service accepts uploads only (image URLs are turned off).";
     }
+    state.canExplain = body.explain === true;
+    byId("why-toggle").disabled = !state.canExplain;
+    byId("why-hint").textContent = state.canExplain
+      ? "Colours each photo where the model found what it answered (the top room; both rooms when not sure)."
+      : "This model cannot show why (it was exported without activation maps).";
     status.textContent = "Ready: model " + body.model + " (" + state.labels.map(readable).join(", ") + ").";
     byId("limit-hint").textContent = "Up to " + state.maxPerRequest + " photos go in one request " +
       "(a listing's gallery); more are sent in groups of " + state.maxPerRequest + ".";
@@ -159,6 +168,7 @@
       addUrls([url]);
     });
 
+    byId("why-toggle").addEventListener("change", (event) => setWhy(event.target.checked));
     byId("download-csv").addEventListener("click", downloadCsv);
     byId("clear-results").addEventListener("click", clearResults);
   }
@@ -195,10 +205,12 @@
       const form = new FormData();
       for (const entry of chunk) form.append(single ? "image" : "images", entry.file, entry.file.name || "image");
       if (limit !== null) form.append("threshold", String(limit));
+      if (state.why) form.append("explain", "true");
       return { path: path, init: { method: "POST", body: form } };
     }
     const body = single ? { image_url: chunk[0].url } : { image_urls: chunk.map((entry) => entry.url) };
     if (limit !== null) body.threshold = limit;
+    if (state.why) body.explain = true;
     return {
       path: path,
       init: { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) },
@@ -319,6 +331,93 @@
     }
     entry.head.replaceChildren(...head);
     entry.details.replaceChildren(bars, element("p", "model-tag", "Model: " + result.model));
+    if (result.heatmap && entry.file) showHeatmap(entry, 0); // a URL's photo has no thumbnail to draw on
+  }
+
+  // ---- why: heatmaps over the thumbnails -------------------------------------------------------------
+
+  // 0..1 -> colour: transparent where nothing came from, through yellow to red where most of the answer did.
+  function heatColour(value) {
+    const v = Math.min(1, Math.max(0, Number(value) || 0));
+    return [255, Math.round(230 * (1 - v)), 0, Math.round(255 * 0.7 * v)];
+  }
+
+  function setWhy(on) {
+    state.why = on && state.canExplain;
+    byId("results").classList.toggle("show-why", state.why);
+    byId("why-legend").hidden = !state.why;
+    if (!state.why) return;
+    // photos answered without a heatmap are asked again, with explain=true
+    const missing = state.entries.filter((entry) => entry.result && !entry.result.heatmap);
+    const groups = [missing.filter((entry) => entry.file), missing.filter((entry) => !entry.file)];
+    groups.filter((group) => group.length).forEach((group) => classifyAll(group));
+  }
+
+  function drawLegend() {
+    const canvas = byId("why-legend-bar");
+    const context = canvas.getContext("2d");
+    for (let x = 0; x < canvas.width; x += 1) {
+      const [r, g, b, a] = heatColour(x / (canvas.width - 1));
+      context.fillStyle = "rgba(" + r + "," + g + "," + b + "," + (a / 255) + ")";
+      context.fillRect(x, 0, 1, canvas.height);
+    }
+  }
+
+  // Where the crop box lands in the thumbnail: the image is scaled to cover the square and centred.
+  function boxInThumb(heatmap, width, height) {
+    const [photoWidth, photoHeight] = heatmap.image_size;
+    const scale = Math.max(width / photoWidth, height / photoHeight);
+    const dx = (width - photoWidth * scale) / 2;
+    const dy = (height - photoHeight * scale) / 2;
+    const [left, top, right, bottom] = heatmap.crop_box;
+    return { x: dx + left * scale, y: dy + top * scale, w: (right - left) * scale, h: (bottom - top) * scale };
+  }
+
+  function gridImage(grid) {
+    const rows = grid.length;
+    const cols = rows ? grid[0].length : 0;
+    const cells = document.createElement("canvas");
+    cells.width = cols;
+    cells.height = rows;
+    const pixels = cells.getContext("2d").createImageData(cols, rows);
+    grid.forEach((row, y) => row.forEach((value, x) => pixels.data.set(heatColour(value), (y * cols + x) * 4)));
+    cells.getContext("2d").putImageData(pixels, 0, 0);
+    return cells;
+  }
+
+  function showHeatmap(entry, index) {
+    const heatmap = entry.result.heatmap;
+    const map = heatmap.maps[index];
+    const thumb = entry.card.querySelector(".thumb");
+    let canvas = thumb.querySelector("canvas.heat");
+    if (!canvas) {
+      canvas = element("canvas", "heat");
+      canvas.setAttribute("aria-hidden", "true");
+      thumb.append(canvas);
+    }
+    const width = thumb.clientWidth || 96;
+    const height = thumb.clientHeight || 96;
+    const ratio = window.devicePixelRatio || 1;
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+    canvas.dataset.label = String(map.class);
+    const context = canvas.getContext("2d");
+    context.clearRect(0, 0, canvas.width, canvas.height);
+    context.imageSmoothingEnabled = true; // the grid's cells blend into a smooth map
+    const box = boxInThumb(heatmap, width, height);
+    context.drawImage(gridImage(map.grid), box.x * ratio, box.y * ratio, box.w * ratio, box.h * ratio);
+
+    const caption = element("p", "why-caption", "Heatmap: why " + readable(map.class) + ".");
+    if (heatmap.maps.length > 1) {
+      const other = (index + 1) % heatmap.maps.length;
+      const button = element("button", "button", "Show " + readable(heatmap.maps[other].class));
+      button.type = "button";
+      button.addEventListener("click", () => showHeatmap(entry, other));
+      caption.append(button);
+    }
+    const old = entry.details.querySelector(".why-caption");
+    if (old) old.replaceWith(caption);
+    else entry.details.append(caption);
   }
 
   function showError(entry, error) {
@@ -392,5 +491,6 @@
   }
 
   wireInputs();
+  drawLegend();
   loadHealth();
 })();
