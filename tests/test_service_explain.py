@@ -19,7 +19,8 @@ import pytest
 import requests
 from PIL import Image
 
-from inference.preprocess import Preprocessing, crop_box
+from inference.config import ServiceConfig
+from inference.preprocess import Preprocessing, bytes_to_pixels, bytes_to_pixels_and_view, crop_box
 from testkit.images import encode, solid_jpeg
 from testkit.model_home import TinyModel, register_tiny_model_in
 from testkit.server import BentoServer, serve_model_home
@@ -68,6 +69,22 @@ def test_crop_box_of_a_landscape_photo_is_the_central_square_in_its_pixels() -> 
     box = crop_box(1600, 1200, Preprocessing())
     assert box == pytest.approx((58 * 1600 / 341, 75.0, 282 * 1600 / 341, 1125.0))
     assert crop_box(1200, 1600, Preprocessing()) == pytest.approx((75.0, 58 * 1600 / 341, 1125.0, 282 * 1600 / 341))
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+@pytest.mark.parametrize("draft", [False, True])
+def test_the_view_is_measured_on_the_photo_as_displayed_at_full_scale(orientation: int, draft: bool) -> None:
+    """A 1600x1200 JPEG stored sideways (EXIF 6: shown as 1200x1600), decoded at 1/4 scale or full: the same
+    pixels as `bytes_to_pixels`, and the crop box in the displayed photo's full-size pixels."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.new("RGB", (1600, 1200), (90, 120, 150)), "JPEG", exif=exif.tobytes(), quality=90)
+    limits = ServiceConfig.from_env({}).image_limits()
+    pixels, view = bytes_to_pixels_and_view(data, Preprocessing(), limits, jpeg_draft=draft)
+    assert np.array_equal(pixels, bytes_to_pixels(data, Preprocessing(), limits, jpeg_draft=draft))
+    shown = (1600, 1200) if orientation == 1 else (1200, 1600)
+    assert view.size == shown
+    assert view.crop_box == pytest.approx(crop_box(*shown, Preprocessing()))
 
 
 @pytest.mark.parametrize("size", [(640, 480), (1600, 1200), (700, 1000)])
