@@ -37,6 +37,10 @@ def save_to_model_store(onnx_path: Path, metadata: dict[str, Any], name: str = M
 
 
 def has_maps_output(onnx_path: Path) -> bool:
-    """Whether the ONNX file has the `activation_maps` output (training/activation_maps.py)."""
-    outputs = onnx.load(str(onnx_path), load_external_data=False).graph.output
+    """Whether the ONNX file has the `activation_maps` output (training/activation_maps.py); False for a file
+    onnx cannot parse (the service refuses to load that one anyway, with its own message)."""
+    try:
+        outputs = onnx.load(str(onnx_path), load_external_data=False).graph.output
+    except Exception:  # noqa: BLE001 - protobuf raises its own DecodeError types for a broken file
+        return False
     return any(output.name == MAPS_OUTPUT_NAME for output in outputs)
