@@ -35,7 +35,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 dataset: setup
-	$(PY) -m data_prep --sunrgbd $(DATA)/SUNRGBD --extra $(DATA)/extra/places365 --extra $(DATA)/extra/house_rooms --out $(OUT)/dataset
+	$(PY) -m data_prep --sunrgbd $(DATA)/SUNRGBD --extra $(DATA)/extra/places365 --extra $(DATA)/extra/house_rooms \
+		--other $(DATA)/other/miniplaces --other $(DATA)/other/places365 --other $(DATA)/other/house_rooms --out $(OUT)/dataset
 
 train: setup
 	$(PY) -m training run --data $(OUT)/dataset --run-dir $(RUN_DIR) --profile $(PROFILE) $(if $(strip $(ARCH)),--arch $(ARCH)) --weights-dir $(WEIGHTS) --int8 $(TRAIN_ARGS)
