@@ -272,8 +272,8 @@ class ApiKeys:
         """Take `images` from the key's bucket and daily quota, of which `already_paid` were taken before.
         Refused: nothing is taken (`already_paid` is given back), and QuotaExceeded says when to retry."""
         usage = self.current_usage(key)
-        usage.tokens += already_paid
-        usage.images_today -= already_paid
+        usage.tokens = min(key.bucket_size, usage.tokens + already_paid)
+        usage.images_today = max(0, usage.images_today - already_paid)
         if images > key.bucket_size:
             raise ServiceError(ErrorCode.TOO_MANY_IMAGES, f"{images} images; the key {key.name!r} allows at most "
                                                           f"{key.bucket_size} per request")
