@@ -8,7 +8,8 @@ idle), with no hop to a second process (README, "Serving speed", says what that 
 RC_WORKERS (one model session per worker process). Also serves `GET /health`, the web page at `GET /` and
 Swagger UI at `GET /docs` (`inference/web.py`).
 
-Everything is configured by `RC_*` environment variables, listed in `inference/config.py`.
+Everything is configured by `RC_*` environment variables, listed in `inference/config.py`. With
+RC_API_KEYS_FILE set, the classify routes need an API key with quota left (`inference/api_keys.py`).
 Run: `bentoml serve service:RoomClassifier` (add `--port 3000`).
 """
 
