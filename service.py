@@ -8,7 +8,8 @@ idle), with no hop to a second process (README, "Serving speed", says what that 
 RC_WORKERS (one model session per worker process). Also serves `GET /health`, the web page at `GET /` and
 Swagger UI at `GET /docs` (`inference/web.py`).
 
-Everything is configured by `RC_*` environment variables, listed in `inference/config.py`.
+Everything is configured by `RC_*` environment variables, listed in `inference/config.py`. With
+RC_API_KEYS_FILE set, the classify routes need an API key with quota left (`inference/api_keys.py`).
 Run: `bentoml serve service:RoomClassifier` (add `--port 3000`).
 """
 
@@ -30,11 +31,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from inference import stages
+from inference.api_keys import ApiKeys, pay_for_batch
 from inference.batching import GreedyBatcher, QueueTimeout
 from inference.config import ServiceConfig
 from inference.errors import ErrorCode, InputError, ServiceError, service_error_response
 from inference.fetch import fetch_url
 from inference.http_guards import (
+    ApiKeyMiddleware,
     ErrorEnvelopeMiddleware,
     LoadSheddingMiddleware,
     RequestGuardMiddleware,
@@ -67,6 +70,8 @@ def explain_missing_model(tag: str) -> None:
 
 
 explain_missing_model(CONFIG.model_tag)
+# Off unless RC_API_KEYS_FILE is set; a bad file stops the service here, at start-up, naming the problem.
+API_KEYS = ApiKeys(CONFIG.api_keys_file) if CONFIG.api_keys_file is not None else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,6 +226,7 @@ class RoomClassifier:
             with stages.timed("handler"):
                 info = await self.require_model()
                 items = batch_inputs(image_urls, images)
+                pay_for_batch(len(items))  # with API keys on: one image per image
                 results = await self.classify_items(items, info, top_k, threshold)
         except ServiceError as exc:
             return self.error_response(exc)  # type: ignore[return-value]
@@ -312,10 +318,11 @@ class RoomClassifier:
                            "max_concurrency": CONFIG.max_concurrency, "max_queued": CONFIG.max_queued,
                            "workers": CONFIG.workers, "ort_threads": CONFIG.ort_threads,
                            "decode_threads": CONFIG.decode_threads, "url_fetch": CONFIG.url_fetch,
-                           # the web page reads these three
+                           # the web page reads these four
                            "max_images_per_request": CONFIG.max_images_per_request,
                            "max_image_bytes": CONFIG.max_image_bytes,
-                           "uncertain_threshold": CONFIG.uncertain_threshold}}
+                           "uncertain_threshold": CONFIG.uncertain_threshold,
+                           "api_key_required": API_KEYS is not None}}
 
     def error_response(self, exc: ServiceError) -> JSONResponse:
         return service_error_response(exc, CONFIG.retry_after_s)
@@ -336,6 +343,8 @@ class RoomClassifier:
 RoomClassifier.add_asgi_middleware(ErrorEnvelopeMiddleware, retry_after_s=CONFIG.retry_after_s,
                                    own_paths=HEALTH_ROUTES)
 RoomClassifier.add_asgi_middleware(RequestTimeoutMiddleware, timeout_s=CONFIG.request_timeout_s)
+if API_KEYS is not None:  # at the door, before load shedding: a key over its quota never takes a slot
+    RoomClassifier.add_asgi_middleware(ApiKeyMiddleware, keys=API_KEYS, paths=CLASSIFY_ROUTES)
 RoomClassifier.add_asgi_middleware(LoadSheddingMiddleware, max_concurrency=CONFIG.max_concurrency,
                                    paths=CLASSIFY_ROUTES, retry_after_s=CONFIG.retry_after_s,
                                    max_waiting=CONFIG.max_queued, max_wait_s=CONFIG.queue_timeout_s)

@@ -17,7 +17,7 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Mapping
+from typing import Annotated, Any, Iterable, Mapping, Optional, Union
 
 from PIL import Image
 from pydantic import Field, ValidationError, field_validator
@@ -101,6 +101,8 @@ class ServiceConfig(BaseSettings):
     fetch_read_timeout_s: float = Field(5.0, gt=0, description="longest wait for the next bytes")
     fetch_total_timeout_s: float = Field(10.0, gt=0, description="whole download, redirects included")
     fetch_max_redirects: int = Field(3, ge=0, description="redirects followed, each hop vetted again")
+    api_keys_file: Optional[Path] = Field(None, description="API key hashes and quotas (JSON); set: /classify and "
+                                                            "/classify_batch need a key; unset: open to all")
 
     @field_validator("image_formats", "url_allowlist", mode="before")
     @classmethod
@@ -202,6 +204,8 @@ def shown_default(field: FieldInfo) -> str:
     if field.default_factory is not None:
         return str((field.json_schema_extra or {})["default_shown"])  # type: ignore[index]
     value = field.default
+    if value is None:
+        return "(unset)"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
@@ -209,13 +213,17 @@ def shown_default(field: FieldInfo) -> str:
     return number_text(value) if isinstance(value, (int, float)) else str(value)
 
 
-TYPE_NAMES = {str: "text", int: "integer", float: "number", bool: "true/false", tuple: "comma-separated list"}
+TYPE_NAMES = {str: "text", int: "integer", float: "number", bool: "true/false", tuple: "comma-separated list",
+              Path: "file path"}
 BOUND_SIGNS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 
 
 def allowed_values(field: FieldInfo) -> str:
     """`integer >= 1`, `number >= 0, <= 1`, `non-empty text`, ... from the field's type and bounds."""
-    kind = TYPE_NAMES[typing.get_origin(field.annotation) or field.annotation]
+    annotation = field.annotation
+    if typing.get_origin(annotation) is Union:  # Optional[X]: unset is allowed, the kind is X's
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    kind = TYPE_NAMES[typing.get_origin(annotation) or annotation]
     bounds = [f"{sign} {number_text(getattr(item, name))}" for item in field.metadata
               for name, sign in BOUND_SIGNS if getattr(item, name, None) is not None]
     if any(getattr(item, "min_length", None) == 1 for item in field.metadata):

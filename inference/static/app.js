@@ -54,6 +54,7 @@
     if (typeof config.uncertain_threshold === "number") {
       byId("threshold-input").value = String(config.uncertain_threshold);
     }
+    if (config.api_key_required === true) showKeyBox();
     if (config.url_fetch === false) {
       byId("url-input").disabled = true;
       byId("url-form").querySelector("button").disabled = true;
@@ -62,6 +63,18 @@
     status.textContent = "Ready: model " + body.model + " (" + state.labels.map(readable).join(", ") + ").";
     byId("limit-hint").textContent = "Up to " + state.maxPerRequest + " photos go in one request " +
       "(a listing's gallery); more are sent in groups of " + state.maxPerRequest + ".";
+  }
+
+  // ---- the API key, where the server needs one -------------------------------------------------------
+  // It lives in the field only (this tab's memory): never in storage, cookies, the URL or the CSV.
+
+  function showKeyBox() {
+    byId("key-box").hidden = false;
+  }
+
+  function keyHeaders() {
+    const key = byId("api-key-input").value.trim();
+    return key ? { Authorization: "Bearer " + key } : {};
   }
 
   // ---- adding photos ---------------------------------------------------------------------------------
@@ -195,13 +208,17 @@
       const form = new FormData();
       for (const entry of chunk) form.append(single ? "image" : "images", entry.file, entry.file.name || "image");
       if (limit !== null) form.append("threshold", String(limit));
-      return { path: path, init: { method: "POST", body: form } };
+      return { path: path, init: { method: "POST", headers: keyHeaders(), body: form } };
     }
     const body = single ? { image_url: chunk[0].url } : { image_urls: chunk.map((entry) => entry.url) };
     if (limit !== null) body.threshold = limit;
     return {
       path: path,
-      init: { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) },
+      init: {
+        method: "POST",
+        headers: Object.assign({ "Content-Type": "application/json" }, keyHeaders()),
+        body: JSON.stringify(body),
+      },
     };
   }
 
@@ -231,6 +248,10 @@
       return;
     }
     const body = await readJson(response);
+    if (response.status === 401) {
+      showKeyBox(); // the server asks for a key: show where to give it
+      byId("api-key-input").focus();
+    }
     if (!response.ok || body === null) {
       const error = errorOf(response, body); // a request-level refusal belongs to every photo in it
       chunk.forEach((entry) => showError(entry, error));
