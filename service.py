@@ -1,4 +1,5 @@
-"""Room Classifier: a BentoML service that classifies indoor photos (bathroom, bedroom, kitchen, living room).
+"""Room Classifier: a BentoML service that tells whether a photo shows a bathroom, bedroom, kitchen or living
+room, or none of them (`other`, with a model trained on a fifth label).
 
 `RoomClassifier` takes image URLs and uploads, fetches/decodes/validates/resizes each image on its own
 (`inference/`), so one bad image never fails a batch, and answers with softmax probabilities. The ONNX
@@ -44,7 +45,7 @@ from inference.http_guards import (
     RequestTimeoutMiddleware,
 )
 from inference.model import ModelInfo, OnnxClassifier
-from inference.postprocess import Prediction, postprocess
+from inference.postprocess import OTHER_LABEL, Prediction, postprocess
 from inference.preprocess import bytes_to_pixels
 from inference.web import web_routes
 
@@ -89,7 +90,8 @@ class Classification(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
-    label: str = Field(alias="class", description="the most probable room type")
+    label: str = Field(alias="class", description="the most probable label: a room type, or `other` (none of the "
+                                                  "rooms) when the model has that label and `rooms_only` is off")
     confidence: float = Field(description="probability of `class`")
     probabilities: list[tuple[str, float]] = Field(
         description="[[label, p], ...] for every label, highest p first; softmax(logits / temperature), sums to 1")
@@ -113,6 +115,24 @@ class BatchClassification(BaseModel):
 
 TopK = Annotated[Optional[int], Field(ge=1, le=100, description="how many [label, p] pairs in top_k")]
 Threshold = Annotated[Optional[float], Field(ge=0.0, le=1.0, description="uncertain below this probability")]
+RoomsOnly = Annotated[bool, Field(description="answer one of the rooms even for a photo that is none of them: "
+                                              "`other` is left out and the rooms' probabilities renormalised")]
+
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    """How a request wants its answers: top_k, the uncertain threshold, labels left out (rooms_only)."""
+
+    top_k: int
+    threshold: float
+    leave_out: tuple[str, ...] = ()
+
+
+def answer_options(top_k: Optional[int], threshold: Optional[float], rooms_only: bool) -> AnswerOptions:
+    """A request's options with the server's defaults filled in."""
+    return AnswerOptions(top_k if top_k is not None else CONFIG.default_top_k,
+                         threshold if threshold is not None else CONFIG.uncertain_threshold,
+                         (OTHER_LABEL,) if rooms_only else ())
 
 
 @dataclass(frozen=True)
@@ -154,7 +174,7 @@ IMAGE = bentoml.images.Image(base_image=f"python:{sys.version_info.major}.{sys.v
                  image=IMAGE)
 @bentoml.asgi_app(health_app, path="/")
 class RoomClassifier:
-    """Classifies indoor photos as bathroom / bedroom / kitchen / living_room."""
+    """Classifies photos as bathroom / bedroom / kitchen / living_room, or `other`: none of them."""
 
     model_ref = MODEL  # `bentoml build` packs the model; the service loads it from the store
 
@@ -189,11 +209,13 @@ class RoomClassifier:
         image: Path = Field(default=None, description="an uploaded photo (multipart file)"),
         top_k: TopK = None,
         threshold: Threshold = None,
+        rooms_only: RoomsOnly = False,
     ) -> Classification:
         """Classify one photo, given by `image_url` (JSON or form field) or uploaded as `image` (multipart).
 
         Answers `class`, `confidence`, `probabilities` ([[label, p], ...] sorted by p, summing to 1),
         `top_k`, `uncertain` (confidence below `threshold`, default RC_UNCERTAIN_THRESHOLD) and the model tag.
+        `class` is `other` for a photo that is none of the rooms; `rooms_only=true` answers the best room instead.
         Errors are 4xx/503 with `{"error": {"code": ..., "message": ...}}`; codes are stable
         (e.g. missing_image, not_an_image, image_too_many_pixels, url_host_not_allowed, fetch_timeout).
         """
@@ -202,7 +224,7 @@ class RoomClassifier:
                 info = await self.require_model()
                 item = single_input(image_url, image)
                 pixels = (await self.load_input(item, info))[None]
-                prediction = (await self.predict(pixels, info, top_k, threshold))[0]
+                prediction = (await self.predict(pixels, info, answer_options(top_k, threshold, rooms_only)))[0]
         except ServiceError as exc:
             return self.error_response(exc)  # type: ignore[return-value]  # BentoML sends Responses as they are
         return to_classification(prediction, info)
@@ -214,6 +236,7 @@ class RoomClassifier:
         images: list[Path] = Field(default_factory=list, description="uploaded photos (multipart files)"),
         top_k: TopK = None,
         threshold: Threshold = None,
+        rooms_only: RoomsOnly = False,
     ) -> BatchClassification:
         """Classify several photos at once (a listing's gallery): `image_urls` and/or uploaded `images`.
 
@@ -227,15 +250,15 @@ class RoomClassifier:
                 info = await self.require_model()
                 items = batch_inputs(image_urls, images)
                 pay_for_batch(len(items))  # with API keys on: one image per image
-                results = await self.classify_items(items, info, top_k, threshold)
+                results = await self.classify_items(items, info, answer_options(top_k, threshold, rooms_only))
         except ServiceError as exc:
             return self.error_response(exc)  # type: ignore[return-value]
         return BatchClassification(model=info.tag, results=results)
 
     # ---- steps ---------------------------------------------------------------------------------------
 
-    async def classify_items(self, items: list[ImageInput], info: ModelInfo, top_k: Optional[int],
-                             threshold: Optional[float]) -> list[BatchItem]:
+    async def classify_items(self, items: list[ImageInput], info: ModelInfo,
+                             options: AnswerOptions) -> list[BatchItem]:
         """Load every image concurrently; run the model once on the good ones; keep errors per image."""
         arrays: list[np.ndarray | ServiceError] = [None] * len(items)  # type: ignore[list-item]
 
@@ -252,7 +275,7 @@ class RoomClassifier:
         predictions: dict[int, Prediction] = {}
         if good:
             pixels = np.stack([arrays[index] for index in good])
-            predictions = dict(zip(good, await self.predict(pixels, info, top_k, threshold)))
+            predictions = dict(zip(good, await self.predict(pixels, info, options)))
         return [BatchItem(input=item.name, result=to_classification(predictions[index], info))
                 if index in predictions else
                 BatchItem(input=item.name, error=ErrorDetail(**arrays[index].to_dict()))  # type: ignore[union-attr]
@@ -280,13 +303,10 @@ class RoomClassifier:
             data = read_upload(data, self.image_limits.max_bytes)
         return bytes_to_pixels(data, info.preprocessing, self.image_limits, jpeg_draft=CONFIG.jpeg_draft)
 
-    async def predict(self, pixels: np.ndarray, info: ModelInfo, top_k: Optional[int],
-                      threshold: Optional[float]) -> list[Prediction]:
+    async def predict(self, pixels: np.ndarray, info: ModelInfo, options: AnswerOptions) -> list[Prediction]:
         with stages.timed("model_call"):
             logits = await self.run_model(pixels)
-        return postprocess(logits, info.labels, info.temperature,
-                           top_k if top_k is not None else CONFIG.default_top_k,
-                           threshold if threshold is not None else CONFIG.uncertain_threshold)
+        return postprocess(logits, info.labels, info.temperature, options.top_k, options.threshold, options.leave_out)
 
     async def run_model(self, pixels: np.ndarray) -> np.ndarray:
         """Logits for uint8 pixels, batched with the other requests in flight; failures become 503s."""

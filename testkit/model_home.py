@@ -44,10 +44,11 @@ def run_with_home(home: Path | str, args: list[str], timeout_s: float | None = N
     return result.stdout
 
 
-def register_tiny_model_in(home: Path | str) -> TinyModel:
-    """Save the tiny test model into `home` (from a subprocess: this process's bentoml config is untouched)."""
-    data = json.loads(run_with_home(home, ["-m", "tests.tiny_model", "--json"], timeout_s=120).strip()
-                      .splitlines()[-1])
+def register_tiny_model_in(home: Path | str, with_other: bool = False) -> TinyModel:
+    """Save the tiny test model into `home` (from a subprocess: this process's bentoml config is untouched);
+    `with_other`: the five-label variant that answers `other` for white images."""
+    args = ["-m", "tests.tiny_model", "--json"] + (["--with-other"] if with_other else [])
+    data = json.loads(run_with_home(home, args, timeout_s=120).strip().splitlines()[-1])
     return TinyModel(home=Path(home), tag=data["tag"], onnx_path=Path(data["path"]) / "model.onnx",
                      metadata=data["metadata"])
 

@@ -45,7 +45,7 @@ class Recipe:
     arch: str = "mobilenet_v2"  # the most accurate backbone within the time budget here (runs/compare)
     stem_blocks: int | None = None  # None: the architecture's default cut
     # cached views per training image: 1 centre + (views - 1) augmented. Validation did not tell 8 from 4
-    # (two runs each, docs/experiments.md); with the `other` photos the training split is 44 % larger, and
+    # (two runs each, README "Distillation"); with the `other` photos the training split is 44 % larger, and
     # 4 views keep `make all` within its hour
     views: int = 4
     warmup_epochs: int = 4

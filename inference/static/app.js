@@ -23,7 +23,10 @@
     return node;
   }
 
-  const readable = (label) => String(label).replace(/_/g, " ");
+  // "other" is the model's answer for a photo that shows none of the rooms (a house front, a yard, a hallway)
+  const OTHER_LABEL = "other";
+  const readable = (label) => (String(label) === OTHER_LABEL ? "not one of the four rooms"
+                                                             : String(label).replace(/_/g, " "));
   const capitalised = (text) => text.charAt(0).toUpperCase() + text.slice(1);
   const percent = (p) => (p * 100).toFixed(1) + "%";
 
@@ -325,7 +328,7 @@
       head.push(element("p", "uncertain", "Not sure: " + guess + "?"));
     }
     const bars = element("ul", "bars");
-    bars.setAttribute("aria-label", "Probability of each room");
+    bars.setAttribute("aria-label", "Probability of each answer");
     for (const name of barOrder(result)) {
       const p = probability.get(name) || 0;
       const bar = element("li", name === label ? "bar top" : "bar");
