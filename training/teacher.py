@@ -25,9 +25,7 @@ CHECKPOINT_NAME = "wideresnet18_places365.pth.tar"
 CHECKPOINT_URL = f"http://places2.csail.mit.edu/models_places365/{CHECKPOINT_NAME}"
 CATEGORIES_NAME = "categories_places365.txt"
 NUM_SCENES = 365
-# Places365 output index of each of our classes (categories_places365.txt: "/b/bathroom 45", ...).
-ROOM_INDICES = {"bathroom": 45, "bedroom": 52, "kitchen": 203, "living_room": 215}
-# The Places365 scenes a listing photo of each room may be called (categories_places365.txt names and indices):
+# The Places365 scenes a listing photo of each room may be called (categories_places365.txt: "/b/bathroom 45"):
 # the teacher's probability of a room is the sum over its scenes, and OTHER gets every scene not listed here.
 # Without the near-synonyms a real bedroom the teacher calls "hotel_room" would teach the student "other".
 ROOM_SCENES: dict[str, dict[str, int]] = {
