@@ -5,7 +5,10 @@ serving dependencies. End-to-end (`-m e2e`, needs root podman, a few minutes): a
 gets a model (the tiny test model, or a trained one named by RC_E2E_MODEL_HOME / RC_E2E_MODEL_TAG),
 scripts/container/build_image.sh builds the bento and containerizes it with podman, the container runs
 on a free loopback port, and BentoML's generated client gets the same answers from it as from
-`bentoml serve` of the same bento. Images, containers and the temporary home are removed afterwards.
+`bentoml serve` of the same bento; then the image runs as the Helm chart's pod would (the rendered
+Deployment's CPU/memory limits, user, read-only root, settings: needs helm), answers its probes, sizes its
+threads from the CPU limit, and drains a burst of uploads on SIGTERM. Images, containers and the temporary
+home are removed afterwards.
 
 On a machine without a registry, run scripts/container/setup_podman.sh first (the test runs it when
 podman or the local base image is missing and it is root). RC_BASE_IMAGE and RC_EXTRA_CA_CERTS are
