@@ -24,7 +24,7 @@ EXTRA_CA ?= /usr/local/share/ca-certificates
 RESULTS ?= $(OUT)/bulk/results.parquet
 BULK_ARGS ?=
 
-.PHONY: setup dataset train compare bento serve container-setup image run-image bench soak benchmark-data all test test-e2e test-web lint bulk bench-bulk
+.PHONY: setup dataset train compare bento serve container-setup image run-image bench soak benchmark-data all test test-e2e test-web lint bulk bench-bulk manifests footprint
 
 setup: $(VENV)/.installed
 
@@ -60,6 +60,15 @@ image: setup
 
 run-image:
 	scripts/container/run_container.sh $(IMAGE) $(PORT)
+
+# deploy/manifests/room-classifier.yaml: the Helm chart rendered for people without Helm (needs helm:
+# scripts/deploy/install_helm.sh); tests/test_deploy.py fails when the committed file differs.
+manifests:
+	scripts/deploy/render_manifests.sh > deploy/manifests/room-classifier.yaml
+
+# What one replica needs (cold start, memory, cores): the numbers in deploy/helm/room-classifier/values.yaml.
+footprint: setup
+	$(PY) -m benchmarks.footprint --json $(OUT)/footprint.json
 
 bench: setup
 	$(PY) -m benchmarks.speed --batching-off --overload --json $(OUT)/speed.json
