@@ -20,36 +20,59 @@ export BENTOML_DO_NOT_TRACK ?= true
 LOCAL_BASE ?= localhost/bento-base:bookworm
 EXTRA_CA ?= /usr/local/share/ca-certificates
 
+# The pipeline's products are files, so `make all` redoes only what is out of date (a second run does nothing):
+# dataset manifest -> trained + registered run -> bento. `make -B train` retrains anyway.
+DATASET := $(OUT)/dataset/manifest.csv
+REGISTERED := $(RUN_DIR)/registered.json
+BENTO := $(OUT)/bento.built
+
 # make bulk SOURCE=DIR|LIST [RESULTS=FILE] [BULK_ARGS="--address HOST:PORT ..."]: tag a catalogue on Ray
 RESULTS ?= $(OUT)/bulk/results.parquet
 BULK_ARGS ?=
 
-.PHONY: setup dataset train compare bento serve container-setup image run-image bench soak benchmark-data all test test-e2e test-web lint bulk bench-bulk
+.PHONY: setup dataset train compare bento serve container-setup image run-image bench soak benchmark-data all test test-e2e test-web lint bulk bench-bulk manifests footprint
 
+# setup: everything (training, tests, bulk, the browser for the page's tests); `make serve` needs only serving.
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[train,dev]"
+	scripts/install_browser.sh
+	command -v helm >/dev/null || scripts/deploy/install_helm.sh
 	touch $@
 
-dataset: setup
-	$(PY) -m data_prep --sunrgbd $(DATA)/SUNRGBD --extra $(DATA)/extra/places365 --extra $(DATA)/extra/house_rooms --out $(OUT)/dataset
+$(VENV)/.serving: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
 
-train: setup
+dataset: $(DATASET)
+
+$(DATASET): $(wildcard data_prep/*.py) | $(VENV)/.installed
+	$(PY) -m data_prep --sunrgbd $(DATA)/SUNRGBD --extra $(DATA)/extra/places365 --extra $(DATA)/extra/house_rooms \
+		--other $(DATA)/other/miniplaces --other $(DATA)/other/places365 --other $(DATA)/other/house_rooms --out $(OUT)/dataset
+
+train: $(REGISTERED)
+
+$(REGISTERED): $(DATASET) $(wildcard training/*.py) | $(VENV)/.installed
 	$(PY) -m training run --data $(OUT)/dataset --run-dir $(RUN_DIR) --profile $(PROFILE) $(if $(strip $(ARCH)),--arch $(ARCH)) --weights-dir $(WEIGHTS) --int8 $(TRAIN_ARGS)
 
 compare: setup
 	$(PY) -m training compare --data $(OUT)/dataset --run-dir runs/compare --weights-dir $(WEIGHTS) --distill both
 
-bento: setup
-	$(VENV)/bin/bentoml build
+bento: $(BENTO)
 
-serve: setup
+$(BENTO): $(REGISTERED) service.py bentofile.yaml $(wildcard inference/*.py inference/static/*) | $(VENV)/.installed
+	$(VENV)/bin/bentoml build
+	touch $@
+
+serve: $(VENV)/.serving
 	$(VENV)/bin/bentoml serve service:RoomClassifier --port $(PORT)
 
-all: dataset train bento
+all: $(BENTO)
 
 container-setup:
 	scripts/container/setup_podman.sh
@@ -58,7 +81,17 @@ image: setup
 	RC_BASE_IMAGE=$(LOCAL_BASE) RC_EXTRA_CA_CERTS=$(EXTRA_CA) scripts/container/build_image.sh
 
 run-image:
+	@test -n "$(IMAGE)" || (echo "usage: make run-image IMAGE=localhost/room-classifier:<version> [PORT=3000]" && exit 2)
 	scripts/container/run_container.sh $(IMAGE) $(PORT)
+
+# deploy/manifests/room-classifier.yaml: the Helm chart rendered for people without Helm (needs helm:
+# scripts/deploy/install_helm.sh); tests/test_deploy.py fails when the committed file differs.
+manifests:
+	scripts/deploy/render_manifests.sh > deploy/manifests/room-classifier.yaml
+
+# What one replica needs (cold start, memory, cores): the numbers in deploy/helm/room-classifier/values.yaml.
+footprint: setup
+	$(PY) -m benchmarks.footprint --json $(OUT)/footprint.json
 
 bench: setup
 	$(PY) -m benchmarks.speed --batching-off --overload --json $(OUT)/speed.json
@@ -77,7 +110,7 @@ benchmark-data: setup
 	$(PY) -m data_prep.benchmark
 
 test: setup
-	$(PY) -m pytest
+	ROOM_REQUIRE_BROWSER=1 ROOM_REQUIRE_HELM=1 $(PY) -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,5 @@
-"""Room Classifier: a BentoML service that classifies indoor photos (bathroom, bedroom, kitchen, living room).
+"""Room Classifier: a BentoML service that tells whether a photo shows a bathroom, bedroom, kitchen or living
+room, or none of them (`other`, with a model trained on a fifth label).
 
 `RoomClassifier` takes image URLs and uploads, fetches/decodes/validates/resizes each image on its own
 (`inference/`), so one bad image never fails a batch, and answers with softmax probabilities. The ONNX
@@ -8,7 +9,8 @@ idle), with no hop to a second process (README, "Serving speed", says what that 
 RC_WORKERS (one model session per worker process). Also serves `GET /health`, the web page at `GET /` and
 Swagger UI at `GET /docs` (`inference/web.py`).
 
-Everything is configured by `RC_*` environment variables, listed in `inference/config.py`.
+Everything is configured by `RC_*` environment variables, listed in `inference/config.py`. With
+RC_API_KEYS_FILE set, the classify routes need an API key with quota left (`inference/api_keys.py`).
 Run: `bentoml serve service:RoomClassifier` (add `--port 3000`).
 """
 
@@ -30,18 +32,20 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from inference import stages
+from inference.api_keys import ApiKeys, pay_for_batch
 from inference.batching import GreedyBatcher, QueueTimeout
 from inference.config import ServiceConfig
 from inference.errors import ErrorCode, InputError, ServiceError, service_error_response
 from inference.fetch import fetch_url
 from inference.http_guards import (
+    ApiKeyMiddleware,
     ErrorEnvelopeMiddleware,
     LoadSheddingMiddleware,
     RequestGuardMiddleware,
     RequestTimeoutMiddleware,
 )
 from inference.model import ModelInfo, OnnxClassifier
-from inference.postprocess import Prediction, explained_labels, heatmap_grid, postprocess
+from inference.postprocess import OTHER_LABEL, Prediction, explained_labels, heatmap_grid, postprocess
 from inference.preprocess import PhotoView, bytes_to_pixels, bytes_to_pixels_and_view
 from inference.web import web_routes
 
@@ -67,6 +71,8 @@ def explain_missing_model(tag: str) -> None:
 
 
 explain_missing_model(CONFIG.model_tag)
+# Off unless RC_API_KEYS_FILE is set; a bad file stops the service here, at start-up, naming the problem.
+API_KEYS = ApiKeys(CONFIG.api_keys_file) if CONFIG.api_keys_file is not None else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,7 +112,8 @@ class Classification(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
-    label: str = Field(alias="class", description="the most probable room type")
+    label: str = Field(alias="class", description="the most probable label: a room type, or `other` (none of the "
+                                                  "rooms) when the model has that label and `rooms_only` is off")
     confidence: float = Field(description="probability of `class`")
     probabilities: list[tuple[str, float]] = Field(
         description="[[label, p], ...] for every label, highest p first; softmax(logits / temperature), sums to 1")
@@ -140,9 +147,29 @@ class BatchClassification(BaseModel):
 
 TopK = Annotated[Optional[int], Field(ge=1, le=100, description="how many [label, p] pairs in top_k")]
 Threshold = Annotated[Optional[float], Field(ge=0.0, le=1.0, description="uncertain below this probability")]
+RoomsOnly = Annotated[bool, Field(description="answer one of the rooms even for a photo that is none of them: "
+                                              "`other` is left out and the rooms' probabilities renormalised")]
 Explain = Annotated[bool, Field(description="add `heatmap`: what drove the answer, for the top class (and the "
                                             "second when uncertain); error explain_not_supported if the model "
                                             "has no activation maps (/health's `explain`)")]
+
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    """How a request wants its answers: top_k, the uncertain threshold, labels left out (rooms_only), heatmaps."""
+
+    top_k: int
+    threshold: float
+    leave_out: tuple[str, ...] = ()
+    explain: bool = False
+
+
+def answer_options(top_k: Optional[int], threshold: Optional[float], rooms_only: bool,
+                   explain: bool = False) -> AnswerOptions:
+    """A request's options with the server's defaults filled in."""
+    return AnswerOptions(top_k if top_k is not None else CONFIG.default_top_k,
+                         threshold if threshold is not None else CONFIG.uncertain_threshold,
+                         (OTHER_LABEL,) if rooms_only else (), explain)
 
 
 @dataclass(frozen=True)
@@ -184,7 +211,7 @@ IMAGE = bentoml.images.Image(base_image=f"python:{sys.version_info.major}.{sys.v
                  image=IMAGE)
 @bentoml.asgi_app(health_app, path="/")
 class RoomClassifier:
-    """Classifies indoor photos as bathroom / bedroom / kitchen / living_room."""
+    """Classifies photos as bathroom / bedroom / kitchen / living_room, or `other`: none of them."""
 
     model_ref = MODEL  # `bentoml build` packs the model; the service loads it from the store
 
@@ -219,13 +246,15 @@ class RoomClassifier:
         image: Path = Field(default=None, description="an uploaded photo (multipart file)"),
         top_k: TopK = None,
         threshold: Threshold = None,
+        rooms_only: RoomsOnly = False,
         explain: Explain = False,
     ) -> Classification:
         """Classify one photo, given by `image_url` (JSON or form field) or uploaded as `image` (multipart).
 
         Answers `class`, `confidence`, `probabilities` ([[label, p], ...] sorted by p, summing to 1),
-        `top_k`, `uncertain` (confidence below `threshold`, default RC_UNCERTAIN_THRESHOLD) and the model tag;
-        with `explain=true` also `heatmap` (class-activation maps and the crop box they cover).
+        `top_k`, `uncertain` (confidence below `threshold`, default RC_UNCERTAIN_THRESHOLD) and the model tag.
+        `class` is `other` for a photo that is none of the rooms; `rooms_only=true` answers the best room instead.
+        With `explain=true` also `heatmap` (class-activation maps and the crop box they cover).
         Errors are 4xx/503 with `{"error": {"code": ..., "message": ...}}`; codes are stable
         (e.g. missing_image, not_an_image, image_too_many_pixels, url_host_not_allowed, fetch_timeout).
         """
@@ -234,7 +263,8 @@ class RoomClassifier:
                 info = await self.require_model(explain)
                 item = single_input(image_url, image)
                 pixels, view = await self.load_input(item, info, explain)
-                predictions, maps = await self.predict(pixels[None], info, top_k, threshold, explain)
+                options = answer_options(top_k, threshold, rooms_only, explain)
+                predictions, maps = await self.predict(pixels[None], info, options)
         except ServiceError as exc:
             return self.error_response(exc)  # type: ignore[return-value]  # BentoML sends Responses as they are
         first_maps = None if maps is None else maps[0]
@@ -247,6 +277,7 @@ class RoomClassifier:
         images: list[Path] = Field(default_factory=list, description="uploaded photos (multipart files)"),
         top_k: TopK = None,
         threshold: Threshold = None,
+        rooms_only: RoomsOnly = False,
         explain: Explain = False,
     ) -> BatchClassification:
         """Classify several photos at once (a listing's gallery): `image_urls` and/or uploaded `images`.
@@ -260,22 +291,23 @@ class RoomClassifier:
             with stages.timed("handler"):
                 info = await self.require_model(explain)
                 items = batch_inputs(image_urls, images)
-                results = await self.classify_items(items, info, top_k, threshold, explain)
+                pay_for_batch(len(items))  # with API keys on: one image per image
+                results = await self.classify_items(items, info, answer_options(top_k, threshold, rooms_only, explain))
         except ServiceError as exc:
             return self.error_response(exc)  # type: ignore[return-value]
         return BatchClassification(model=info.tag, results=results)
 
     # ---- steps ---------------------------------------------------------------------------------------
 
-    async def classify_items(self, items: list[ImageInput], info: ModelInfo, top_k: Optional[int],
-                             threshold: Optional[float], explain: bool) -> list[BatchItem]:
+    async def classify_items(self, items: list[ImageInput], info: ModelInfo,
+                             options: AnswerOptions) -> list[BatchItem]:
         """Load every image concurrently; run the model once on the good ones; keep errors per image."""
         arrays: list[np.ndarray | ServiceError] = [None] * len(items)  # type: ignore[list-item]
         views: list[PhotoView | None] = [None] * len(items)
 
         async def load(index: int) -> None:
             try:
-                arrays[index], views[index] = await self.load_input(items[index], info, explain)
+                arrays[index], views[index] = await self.load_input(items[index], info, options.explain)
             except ServiceError as exc:
                 arrays[index] = exc
 
@@ -287,7 +319,7 @@ class RoomClassifier:
         heatmaps: dict[int, Heatmap | None] = {}
         if good:
             pixels = np.stack([arrays[index] for index in good])
-            answers, maps = await self.predict(pixels, info, top_k, threshold, explain)
+            answers, maps = await self.predict(pixels, info, options)
             predictions = dict(zip(good, answers))
             heatmaps = {index: heatmap(predictions[index], None if maps is None else maps[row], views[index], info)
                         for row, index in enumerate(good)}
@@ -324,14 +356,13 @@ class RoomClassifier:
             return bytes_to_pixels_and_view(data, info.preprocessing, self.image_limits, jpeg_draft=CONFIG.jpeg_draft)
         return bytes_to_pixels(data, info.preprocessing, self.image_limits, jpeg_draft=CONFIG.jpeg_draft), None
 
-    async def predict(self, pixels: np.ndarray, info: ModelInfo, top_k: Optional[int], threshold: Optional[float],
-                      explain: bool) -> tuple[list[Prediction], np.ndarray | None]:
-        """Predictions for uint8 pixels, and with `explain` the activation maps [N, labels, h, w]."""
+    async def predict(self, pixels: np.ndarray, info: ModelInfo,
+                      options: AnswerOptions) -> tuple[list[Prediction], np.ndarray | None]:
+        """Predictions for uint8 pixels, and with `options.explain` the activation maps [N, labels, h, w]."""
         with stages.timed("model_call"):
-            logits, maps = await self.run_model(pixels, explain)
-        return postprocess(logits, info.labels, info.temperature,
-                           top_k if top_k is not None else CONFIG.default_top_k,
-                           threshold if threshold is not None else CONFIG.uncertain_threshold), maps
+            logits, maps = await self.run_model(pixels, options.explain)
+        return postprocess(logits, info.labels, info.temperature, options.top_k, options.threshold,
+                           options.leave_out), maps
 
     async def run_model(self, pixels: np.ndarray, explain: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (and maps, with `explain`) for uint8 pixels, batched with the other requests in flight;
@@ -373,10 +404,11 @@ class RoomClassifier:
                            "max_concurrency": CONFIG.max_concurrency, "max_queued": CONFIG.max_queued,
                            "workers": CONFIG.workers, "ort_threads": CONFIG.ort_threads,
                            "decode_threads": CONFIG.decode_threads, "url_fetch": CONFIG.url_fetch,
-                           # the web page reads these three
+                           # the web page reads these four
                            "max_images_per_request": CONFIG.max_images_per_request,
                            "max_image_bytes": CONFIG.max_image_bytes,
-                           "uncertain_threshold": CONFIG.uncertain_threshold}}
+                           "uncertain_threshold": CONFIG.uncertain_threshold,
+                           "api_key_required": API_KEYS is not None}}
 
     def error_response(self, exc: ServiceError) -> JSONResponse:
         return service_error_response(exc, CONFIG.retry_after_s)
@@ -397,6 +429,8 @@ class RoomClassifier:
 RoomClassifier.add_asgi_middleware(ErrorEnvelopeMiddleware, retry_after_s=CONFIG.retry_after_s,
                                    own_paths=HEALTH_ROUTES)
 RoomClassifier.add_asgi_middleware(RequestTimeoutMiddleware, timeout_s=CONFIG.request_timeout_s)
+if API_KEYS is not None:  # at the door, before load shedding: a key over its quota never takes a slot
+    RoomClassifier.add_asgi_middleware(ApiKeyMiddleware, keys=API_KEYS, paths=CLASSIFY_ROUTES)
 RoomClassifier.add_asgi_middleware(LoadSheddingMiddleware, max_concurrency=CONFIG.max_concurrency,
                                    paths=CLASSIFY_ROUTES, retry_after_s=CONFIG.retry_after_s,
                                    max_waiting=CONFIG.max_queued, max_wait_s=CONFIG.queue_timeout_s)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from data_prep.common import CLASSES, REASONS, SPLITS, DataPrepError, Settings
+from data_prep.common import CLASSES, OTHER, REASONS, SPLITS, DataPrepError, Settings
 from data_prep.pipeline import PrepResult, prepare_dataset
 
 DEFAULTS = Settings()
@@ -34,10 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep",
         description="SUN RGB-D (+ extra ImageFolder trees) -> clean, deterministic 70/20/10 dataset of "
-                    f"{', '.join(CLASSES)}, with manifest.csv and an EDA report.")
+                    f"{', '.join(CLASSES)} (and {OTHER}: none of them, from --other trees), with manifest.csv and "
+                    "an EDA report.")
     parser.add_argument("--sunrgbd", type=Path, help="SUN RGB-D root: scene folders found at any depth by scene.txt")
     parser.add_argument("--extra", type=Path, action="append", default=[], metavar="DIR",
                         help="an ImageFolder tree <class>/*.jpg; its folder name is the source name (repeatable)")
+    parser.add_argument("--other", type=Path, action="append", default=[], metavar="DIR",
+                        help=f"a scene tree <scene>/*.jpg of photos that are none of the rooms, labelled {OTHER!r}; "
+                             "its source name is other_ + its folder name (repeatable)")
     parser.add_argument("--out", type=Path, required=True,
                         help="dataset folder to create (replaced only when complete)")
     parser.add_argument("--dark-threshold", type=_bounded(float, 0, 1), default=DEFAULTS.dark_threshold, metavar="F",
@@ -83,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = parse_settings(parser, args)
     try:
-        result = prepare_dataset(args.out, sunrgbd=args.sunrgbd, extras=args.extra, settings=settings)
+        result = prepare_dataset(args.out, sunrgbd=args.sunrgbd, extras=args.extra, settings=settings,
+                                 others=args.other)
     except DataPrepError as error:
         print(f"data_prep: error: {error}", file=sys.stderr)
         return 2

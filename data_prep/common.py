@@ -10,8 +10,15 @@ from tqdm import tqdm
 
 T = TypeVar("T")
 
-# Alphabetical, the order torchvision's ImageFolder gives class indices in.
+# The four rooms, alphabetical: the order torchvision's ImageFolder gives class indices in.
 CLASSES: tuple[str, ...] = ("bathroom", "bedroom", "kitchen", "living_room")
+# The fifth answer, "none of these rooms": photos from --other trees (house fronts, yards, dining rooms, ...).
+# Sorted after the rooms, so a dataset with it has the labels CLASSES + (OTHER,) in ImageFolder order.
+OTHER = "other"
+# Scene types of the --other trees that are split photo by photo, like the rooms: the rooms a listing gallery
+# holds most often besides our four, which the model must know. Every other scene type goes whole into one
+# split (leave-scenes-out), so val and test measure scene types the model never saw in training.
+KNOWN_OTHER_SCENES: tuple[str, ...] = ("dining_room", "entrance_hall")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_RATIO: tuple[float, float, float] = (0.7, 0.2, 0.1)
 SUNRGBD_SOURCE = "sunrgbd"
@@ -49,7 +56,8 @@ class Settings:
     max_distance: two images whose hashes differ in at most this many bits are the same photo. With the
         64-bit hash, pairs up to 6 bits apart were all visually identical on the shared data, while pairs
         at 10 bits were different photos.
-    seed: split-folders' shuffle seed.
+    seed: split-folders' shuffle seed (and the shuffle of the held-out other scene types).
+    known_other_scenes: other scene types split photo by photo; the rest are held out whole (split.py).
     workers: processes that decode and hash images.
     """
 
@@ -58,13 +66,14 @@ class Settings:
     hash_size: int = 8
     max_distance: int = 6
     seed: int = 1337
+    known_other_scenes: tuple[str, ...] = KNOWN_OTHER_SCENES
     workers: int = 2
 
     def describe(self) -> dict[str, Any]:
         """The settings that change the output (not `workers`), for the report."""
         settings = asdict(self)
         settings.pop("workers")
-        return {**settings, "split_ratio": list(SPLIT_RATIO)}
+        return {**settings, "known_other_scenes": list(self.known_other_scenes), "split_ratio": list(SPLIT_RATIO)}
 
 
 def progress(iterable: Iterable[T], **options: Any) -> Iterable[T]:

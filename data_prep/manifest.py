@@ -6,7 +6,7 @@ import csv
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-COLUMNS: tuple[str, ...] = ("source", "source_path", "class", "decision", "reason", "detail", "phash",
+COLUMNS: tuple[str, ...] = ("source", "source_path", "class", "scene", "decision", "reason", "detail", "phash",
                             "brightness", "contrast", "width", "height", "split", "output_path")
 
 
@@ -27,6 +27,7 @@ class ManifestRow:
     height: str
     split: str
     output_path: str
+    scene: str = ""  # the room for a room photo; the scene folder (dining_room, yard, ...) for an --other photo
 
     def to_csv(self) -> dict[str, str]:
         row = asdict(self)

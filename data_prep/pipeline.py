@@ -21,8 +21,10 @@ from data_prep.sources import (
     SourceScan,
     assign_output_names,
     extra_source_name,
+    other_source_name,
     require_folder,
     scan_extra,
+    scan_other,
     scan_sunrgbd,
 )
 from data_prep.split import split_kept_images
@@ -52,7 +54,7 @@ class PrepResult:
     seconds: dict[str, float]
 
 
-def check_inputs(sunrgbd: Path | None, extras: Sequence[Path], out: Path) -> None:
+def check_inputs(sunrgbd: Path | None, extras: Sequence[Path], others: Sequence[Path], out: Path) -> None:
     """Every input problem we can see before reading images, each as one clear DataPrepError."""
     if sunrgbd is None and not extras:
         raise DataPrepError("nothing to read: give --sunrgbd PATH, one or more --extra DIR, or both")
@@ -60,17 +62,23 @@ def check_inputs(sunrgbd: Path | None, extras: Sequence[Path], out: Path) -> Non
         require_folder(sunrgbd, "--sunrgbd")
     for extra in extras:
         require_folder(extra, "--extra")
-    names = ([SUNRGBD_SOURCE] if sunrgbd is not None else []) + [extra_source_name(extra) for extra in extras]
+    for other in others:
+        require_folder(other, "--other")
+    names = (([SUNRGBD_SOURCE] if sunrgbd is not None else []) + [extra_source_name(extra) for extra in extras]
+             + [other_source_name(other) for other in others])
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise DataPrepError(f"two sources are named {repeated[0]!r} (an extra tree's name is its folder name)")
-    check_output_location(out, [path for path in (sunrgbd, *extras) if path is not None])
+        raise DataPrepError(f"two sources are named {repeated[0]!r} (an extra tree's name is its folder name, "
+                            "an --other tree's is other_ + its folder name)")
+    check_output_location(out, [path for path in (sunrgbd, *extras, *others) if path is not None])
 
 
-def scan_sources(sunrgbd: Path | None, extras: Sequence[Path]) -> list[SourceScan]:
-    """SUN RGB-D first, then the extra trees by name: this order decides which copy of a duplicate stays."""
+def scan_sources(sunrgbd: Path | None, extras: Sequence[Path], others: Sequence[Path] = ()) -> list[SourceScan]:
+    """SUN RGB-D first, then the extra trees by name, then the --other trees by name: this order decides which
+    copy of a duplicate stays."""
     scans = [scan_sunrgbd(sunrgbd)] if sunrgbd is not None else []
-    return scans + sorted((scan_extra(extra) for extra in extras), key=lambda scan: scan.source)
+    scans += sorted((scan_extra(extra) for extra in extras), key=lambda scan: scan.source)
+    return scans + sorted((scan_other(other) for other in others), key=lambda scan: scan.source)
 
 
 def decide(candidates: list[Candidate], checks: list[ImageCheck | None],
@@ -106,7 +114,8 @@ def manifest_rows(candidates: list[Candidate], checks: list[ImageCheck | None], 
             brightness=f"{check.brightness:.4f}" if measured else "",
             contrast=f"{check.contrast:.4f}" if measured else "",
             width=str(check.width) if measured else "", height=str(check.height) if measured else "",
-            split=split, output_path=f"{split}/{candidate.label}/{candidate.output_name}" if split else ""))
+            split=split, output_path=f"{split}/{candidate.label}/{candidate.output_name}" if split else "",
+            scene=candidate.scene))
     return rows
 
 
@@ -118,16 +127,18 @@ def inspect(candidates: list[Candidate], settings: Settings) -> list[ImageCheck 
 
 
 def prepare_dataset(out: Path, sunrgbd: Path | None = None, extras: Sequence[Path] = (),
-                    settings: Settings | None = None) -> PrepResult:
-    """Build the dataset at `out` from SUN RGB-D and/or extra ImageFolder trees; see data_prep/README.md."""
+                    settings: Settings | None = None, others: Sequence[Path] = ()) -> PrepResult:
+    """Build the dataset at `out` from SUN RGB-D and/or extra ImageFolder trees, plus optional --other scene
+    trees of photos that are none of the rooms; see data_prep/README.md."""
     settings = settings or Settings()
     out, extras = Path(os.path.abspath(out)), [Path(extra) for extra in extras]  # abspath: "." has no name
+    others = [Path(other) for other in others]
     sunrgbd = Path(sunrgbd) if sunrgbd is not None else None
     timer = StageTimer()
     with timer("total"):
-        check_inputs(sunrgbd, extras, out)
+        check_inputs(sunrgbd, extras, others, out)
         with timer("scan"):
-            scans = scan_sources(sunrgbd, extras)
+            scans = scan_sources(sunrgbd, extras, others)
             candidates = assign_output_names([candidate for scan in scans for candidate in scan.candidates])
         with timer("decode+hash"):
             checks = inspect(candidates, settings)
@@ -136,7 +147,7 @@ def prepare_dataset(out: Path, sunrgbd: Path | None = None, extras: Sequence[Pat
         with staging_folder(out) as staging:
             with timer("split+copy"):
                 kept = [candidate for index, candidate in enumerate(candidates) if index not in dropped]
-                split_of = split_kept_images(kept, staging, settings.seed)
+                split_of = split_kept_images(kept, staging, settings.seed, settings.known_other_scenes)
             with timer("manifest+report"):
                 rows = manifest_rows(candidates, checks, dropped, split_of)
                 write_manifest(staging / MANIFEST_NAME, rows)

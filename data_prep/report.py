@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from data_prep.common import CLASSES, REASONS, SPLITS, SUNRGBD_SOURCE, Settings, progress
+from data_prep.common import CLASSES, OTHER, REASONS, SPLITS, SUNRGBD_SOURCE, Settings, progress
 from data_prep.manifest import ManifestRow
 from data_prep.sources import SourceScan
 
@@ -26,9 +26,14 @@ THUMBNAIL_SIDE = 160
 PNG_METADATA = {"Software": None}  # no library version in the files: same input, same bytes
 
 
-def _per_class(rows: Sequence[ManifestRow]) -> dict[str, int]:
+def _dataset_classes(rows: Sequence[ManifestRow]) -> tuple[str, ...]:
+    """The four rooms, plus OTHER when an --other tree gave candidates."""
+    return CLASSES + ((OTHER,) if any(row.label == OTHER for row in rows) else ())
+
+
+def _per_class(rows: Sequence[ManifestRow], classes: Sequence[str]) -> dict[str, int]:
     counts = Counter(row.label for row in rows)
-    return {label: counts[label] for label in CLASSES}
+    return {label: counts[label] for label in classes}
 
 
 def _per_reason(rows: Sequence[ManifestRow]) -> dict[str, int]:
@@ -36,11 +41,11 @@ def _per_reason(rows: Sequence[ManifestRow]) -> dict[str, int]:
     return {reason: counts[reason] for reason in REASONS}
 
 
-def _source_summary(scan: SourceScan, rows: list[ManifestRow]) -> dict[str, Any]:
+def _source_summary(scan: SourceScan, rows: list[ManifestRow], classes: Sequence[str]) -> dict[str, Any]:
     own = [row for row in rows if row.source == scan.source]
     summary: dict[str, Any] = {
-        "candidates": _per_class(own),
-        "kept": _per_class([row for row in own if row.decision == "kept"]),
+        "candidates": _per_class(own, classes),
+        "kept": _per_class([row for row in own if row.decision == "kept"], classes),
         "dropped": _per_reason(own),
     }
     if scan.source == SUNRGBD_SOURCE:
@@ -49,25 +54,41 @@ def _source_summary(scan: SourceScan, rows: list[ManifestRow]) -> dict[str, Any]
         summary["labels_found"] = len(scan.scenes_by_label)
         summary["scenes_without_image"] = sum(row.reason == "no_image" for row in own)
         summary["scenes_with_several_images"] = scan.scenes_with_several_images
-    else:
+    elif not scan.other:
         summary["ignored_folders"] = scan.ignored_folders
     return summary
+
+
+def _other_scenes(rows: Sequence[ManifestRow]) -> dict[str, dict[str, Any]]:
+    """Kept OTHER photos per scene type: per split, and the sources they came from."""
+    scenes: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row.label == OTHER and row.decision == "kept":
+            entry = scenes.setdefault(row.scene, {**{split: 0 for split in SPLITS}, "sources": []})
+            entry[row.split] += 1
+            if row.source not in entry["sources"]:
+                entry["sources"].append(row.source)
+    return dict(sorted(scenes.items()))
 
 
 def build_summary(rows: list[ManifestRow], scans: list[SourceScan], settings: Settings) -> dict[str, Any]:
     """Every number the report shows, from the manifest rows and the scans."""
     kept = [row for row in rows if row.decision == "kept"]
-    return {
-        "classes": list(CLASSES),
+    classes = _dataset_classes(rows)
+    summary = {
+        "classes": list(classes),
         "settings": settings.describe(),
-        "sources": {scan.source: _source_summary(scan, rows) for scan in scans},
+        "sources": {scan.source: _source_summary(scan, rows, classes) for scan in scans},
         "candidates": len(rows),
         "kept": len(kept),
         "dropped": len(rows) - len(kept),
         "dropped_by_reason": _per_reason(rows),
-        "splits": {split: _per_class([row for row in kept if row.split == split]) for split in SPLITS},
-        "class_totals": _per_class(kept),
+        "splits": {split: _per_class([row for row in kept if row.split == split], classes) for split in SPLITS},
+        "class_totals": _per_class(kept, classes),
     }
+    if OTHER in classes:
+        summary["other_scenes"] = _other_scenes(rows)
+    return summary
 
 
 def _table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> list[str]:
@@ -81,7 +102,7 @@ def _table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> list[str]:
 
 def render_markdown(summary: dict[str, Any]) -> str:
     """report.md: every table is computed from `summary`."""
-    splits, sources = summary["splits"], summary["sources"]
+    splits, sources, classes = summary["splits"], summary["sources"], summary["classes"]
     lines = ["# Room dataset report", "",
              f"{summary['candidates']:,} candidate images from {', '.join(sources)}: "
              f"**{summary['kept']:,} kept**, {summary['dropped']:,} dropped. "
@@ -90,7 +111,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += ["## Class distribution per split", ""]
     total = max(summary["kept"], 1)
     body = [[label, *(splits[split][label] for split in SPLITS), summary["class_totals"][label],
-             f"{100 * summary['class_totals'][label] / total:.1f} %"] for label in CLASSES]
+             f"{100 * summary['class_totals'][label] / total:.1f} %"] for label in classes]
     body.append(["**all**", *(sum(splits[split].values()) for split in SPLITS), summary["kept"], "100.0 %"])
     lines += _table(["class", *SPLITS, "total", "share"], body)
     lines += ["![class distribution](class_distribution.png)", ""]
@@ -102,9 +123,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += ["![drops by reason](drops_by_reason.png)", ""]
 
     lines += ["## Candidates per source and class", ""]
-    body = [[source, *(sources[source]["candidates"][label] for label in CLASSES),
-             *(sources[source]["kept"][label] for label in CLASSES)] for source in sources]
-    lines += _table(["source", *(f"{label} found" for label in CLASSES), *(f"{label} kept" for label in CLASSES)], body)
+    body = [[source, *(sources[source]["candidates"][label] for label in classes),
+             *(sources[source]["kept"][label] for label in classes)] for source in sources]
+    lines += _table(["source", *(f"{label} found" for label in classes), *(f"{label} kept" for label in classes)], body)
+    if "other_scenes" in summary:
+        lines += _other_scenes_markdown(summary)
 
     if SUNRGBD_SOURCE in sources:
         sun = sources[SUNRGBD_SOURCE]
@@ -127,22 +150,40 @@ def render_markdown(summary: dict[str, Any]) -> str:
               f"{settings['max_distance']} bits apart, across all classes and sources; the same photo under "
               "two classes is a label conflict and every copy is dropped",
               f"- split: {'/'.join(str(round(100 * part)) for part in settings['split_ratio'])} per class "
-              f"with split-folders, seed {settings['seed']}", "",
+              f"with split-folders, seed {settings['seed']}"
+              + (f"; `{OTHER}` photos of {', '.join(settings['known_other_scenes'])} per scene the same way, "
+                 "every other scene type whole into one split (leave-scenes-out)" if OTHER in classes else ""), "",
               "## Sample images per class (train split)", "", "![samples](samples.png)", ""]
     return "\n".join(lines)
 
 
+def _other_scenes_markdown(summary: dict[str, Any]) -> list[str]:
+    """The OTHER photos per scene type and split: which scene types validation and test hold out whole."""
+    scenes = summary["other_scenes"]
+    known = set(summary["settings"]["known_other_scenes"])
+    held_out = {split: sorted(scene for scene, entry in scenes.items()
+                              if scene not in known and entry[split] and not entry["train"]) for split in SPLITS[1:]}
+    lines = [f"## `{OTHER}`: photos per scene type", "",
+             f"{len(scenes)} scene types. Split photo by photo: {', '.join(sorted(known & set(scenes))) or 'none'}. "
+             "Held out whole (never in training): "
+             + "; ".join(f"{split} {len(names)} ({', '.join(names)})" for split, names in held_out.items()), ""]
+    body = [[scene, *(entry[split] for split in SPLITS), ", ".join(entry["sources"])]
+            for scene, entry in scenes.items()]
+    return lines + _table(["scene", *SPLITS, "sources"], body)
+
+
 def plot_class_distribution(summary: dict[str, Any], path: Path) -> None:
     """Grouped bars: images per class in each split."""
+    classes = summary["classes"]
     figure = Figure(figsize=(8, 4.5), dpi=100)
     axes = figure.add_subplot()
-    positions = np.arange(len(CLASSES))
+    positions = np.arange(len(classes))
     width = 0.8 / len(SPLITS)
     for index, split in enumerate(SPLITS):
-        counts = [summary["splits"][split][label] for label in CLASSES]
+        counts = [summary["splits"][split][label] for label in classes]
         bars = axes.bar(positions + (index - 1) * width, counts, width, label=split)
         axes.bar_label(bars, fontsize=8)
-    axes.set_xticks(positions, CLASSES)
+    axes.set_xticks(positions, classes)
     axes.set_ylabel("images")
     axes.set_title(f"Class distribution per split ({summary['kept']:,} images)")
     axes.legend()
@@ -179,10 +220,11 @@ def _thumbnail(path: Path) -> np.ndarray:
 
 def plot_samples(rows: list[ManifestRow], dataset: Path, seed: int, path: Path) -> None:
     """A grid, one row per class: a seeded random choice of training images, titled by source."""
-    figure = Figure(figsize=(SAMPLES_PER_CLASS * 1.6, len(CLASSES) * 1.8), dpi=100)
-    grid = figure.subplots(len(CLASSES), SAMPLES_PER_CLASS, squeeze=False)
+    classes = _dataset_classes(rows)
+    figure = Figure(figsize=(SAMPLES_PER_CLASS * 1.6, len(classes) * 1.8), dpi=100)
+    grid = figure.subplots(len(classes), SAMPLES_PER_CLASS, squeeze=False)
     chooser = random.Random(seed)
-    for axes_row, label in zip(grid, progress(CLASSES, desc="Sample grid", unit=" class", leave=False), strict=True):
+    for axes_row, label in zip(grid, progress(classes, desc="Sample grid", unit=" class", leave=False), strict=True):
         train = [row for row in rows if row.label == label and row.split == "train"]
         chosen = chooser.sample(train, min(SAMPLES_PER_CLASS, len(train)))
         for column, axes in enumerate(axes_row):

@@ -11,10 +11,10 @@ import hashlib
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from data_prep.common import CLASSES, SUNRGBD_SOURCE, DataPrepError, progress
+from data_prep.common import CLASSES, OTHER, SUNRGBD_SOURCE, DataPrepError, progress
 
 SCENE_FILE = "scene.txt"
 NAME_SEPARATOR = "__"
@@ -31,6 +31,7 @@ class Candidate:
     label: str
     path: Path | None  # the file to read; None for a SUN RGB-D scene without an image
     output_name: str = ""  # unique file name in the output tree, set by `assign_output_names`
+    scene: str = ""  # the scene type: the label for a room, the scene folder for an --other photo
 
 
 @dataclass
@@ -42,6 +43,7 @@ class SourceScan:
     scenes_by_label: dict[str, int] = field(default_factory=dict)  # SUN RGB-D only: every label seen
     scenes_with_several_images: int = 0  # SUN RGB-D only
     ignored_folders: list[str] = field(default_factory=list)  # extra trees only: not one of CLASSES
+    other: bool = False  # an --other tree: every photo is labelled OTHER, its folder is the scene
 
 
 def normalise_label(text: str) -> str:
@@ -104,9 +106,9 @@ def scan_sunrgbd(root: Path) -> SourceScan:
         relative = scene.relative_to(root).as_posix()
         if images:
             first = f"{relative}/image/{images[0]}"
-            candidates.append(Candidate(SUNRGBD_SOURCE, first, label, root / first))
+            candidates.append(Candidate(SUNRGBD_SOURCE, first, label, root / first, scene=label))
         else:
-            candidates.append(Candidate(SUNRGBD_SOURCE, relative, label, None))
+            candidates.append(Candidate(SUNRGBD_SOURCE, relative, label, None, scene=label))
     if not candidates:
         found = ", ".join(f"{label} ({count})" for label, count in labels.most_common(5))
         raise DataPrepError(f"--sunrgbd {root}: no scene is labelled {', '.join(CLASSES)} "
@@ -119,27 +121,54 @@ def extra_source_name(root: Path) -> str:
     return _safe(root.resolve().name) or "extra"
 
 
+def other_source_name(root: Path) -> str:
+    """An --other tree's source name: other_ + its folder name, e.g. other_places365 (apart from the rooms'
+    places365)."""
+    return f"{OTHER}_{_safe(root.resolve().name) or 'extra'}"
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every visible file under `folder`, at any depth (hidden folders skipped)."""
+    found = []
+    for directory, subfolders, files in os.walk(folder):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        found += [Path(directory, name) for name in files if not name.startswith(".")]
+    return found
+
+
+def _subfolders(root: Path) -> list[Path]:
+    return sorted(entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
 def scan_extra(root: Path) -> SourceScan:
     """Candidates of an ImageFolder tree `<class>/**/<file>`: every visible file under a class folder."""
     require_folder(root, "--extra")
     source = extra_source_name(root)
-    class_folders = sorted(entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    class_folders = _subfolders(root)
     ignored = [folder.name for folder in class_folders if normalise_label(folder.name) not in CLASSES]
     candidates = []
     for folder in class_folders:
         label = normalise_label(folder.name)
-        if label not in CLASSES:
-            continue
-        for directory, subfolders, files in os.walk(folder):
-            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-            for name in files:
-                if not name.startswith("."):
-                    path = Path(directory, name)
-                    candidates.append(Candidate(source, path.relative_to(root).as_posix(), label, path))
+        if label in CLASSES:
+            candidates += [Candidate(source, path.relative_to(root).as_posix(), label, path, scene=label)
+                           for path in _files_under(folder)]
     if not candidates:
         raise DataPrepError(f"--extra {root}: no files in folders named {', '.join(CLASSES)}")
     candidates.sort(key=lambda candidate: candidate.source_path)
     return SourceScan(source, candidates, ignored_folders=ignored)
+
+
+def scan_other(root: Path) -> SourceScan:
+    """Candidates of a scene tree `<scene>/**/<file>` of photos that are none of the rooms: label OTHER, and
+    the scene folder kept as the photo's scene (the split and the evaluation read it)."""
+    require_folder(root, "--other")
+    source = other_source_name(root)
+    candidates = [Candidate(source, path.relative_to(root).as_posix(), OTHER, path, scene=normalise_label(folder.name))
+                  for folder in _subfolders(root) for path in _files_under(folder)]
+    if not candidates:
+        raise DataPrepError(f"--other {root}: no files in scene folders (expected <scene>/*.jpg)")
+    candidates.sort(key=lambda candidate: candidate.source_path)
+    return SourceScan(source, candidates, other=True)
 
 
 def _safe(text: str) -> str:
@@ -180,7 +209,7 @@ def assign_output_names(candidates: list[Candidate]) -> list[Candidate]:
             stem, suffix = os.path.splitext(name)
             digest = _short_digest(f"{candidate.source}/{candidate.source_path}")
             name = f"{stem[:MAX_NAME_LENGTH - 40]}{NAME_SEPARATOR}{digest}{suffix}"
-        result.append(Candidate(candidate.source, candidate.source_path, candidate.label, candidate.path, name))
+        result.append(replace(candidate, output_name=name))
     final = Counter(candidate.output_name.casefold() for candidate in result)
     clashes = [name for name, count in final.items() if count > 1]
     if clashes:

@@ -17,7 +17,7 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Mapping
+from typing import Annotated, Any, Iterable, Mapping, Optional, Union
 
 from PIL import Image
 from pydantic import Field, ValidationError, field_validator
@@ -33,17 +33,33 @@ MIB = 1024 * 1024
 CommaList = Annotated[tuple[str, ...], NoDecode]
 
 
-def available_cores() -> int:
-    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (a container
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def available_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """The cores this process may run on: its CPU affinity, capped by a container's CPU limit (a container
     limited to 2 CPUs on a 64-core host must not start 64 threads)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota here
+    quota = cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
     return max(1, cores)
+
+
+def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:
+    """The CPU limit in cores of this process's cgroup: cgroup v2's `cpu.max`, else cgroup v1's CFS quota
+    (nodes and hosts that still mount the v1 `cpu` controller); None when there is no limit or no cgroup."""
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def half_the_cores() -> int:
@@ -101,6 +117,8 @@ class ServiceConfig(BaseSettings):
     fetch_read_timeout_s: float = Field(5.0, gt=0, description="longest wait for the next bytes")
     fetch_total_timeout_s: float = Field(10.0, gt=0, description="whole download, redirects included")
     fetch_max_redirects: int = Field(3, ge=0, description="redirects followed, each hop vetted again")
+    api_keys_file: Optional[Path] = Field(None, description="API key hashes and quotas (JSON); set: /classify and "
+                                                            "/classify_batch need a key; unset: open to all")
 
     @field_validator("image_formats", "url_allowlist", mode="before")
     @classmethod
@@ -202,6 +220,8 @@ def shown_default(field: FieldInfo) -> str:
     if field.default_factory is not None:
         return str((field.json_schema_extra or {})["default_shown"])  # type: ignore[index]
     value = field.default
+    if value is None:
+        return "(unset)"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
@@ -209,13 +229,17 @@ def shown_default(field: FieldInfo) -> str:
     return number_text(value) if isinstance(value, (int, float)) else str(value)
 
 
-TYPE_NAMES = {str: "text", int: "integer", float: "number", bool: "true/false", tuple: "comma-separated list"}
+TYPE_NAMES = {str: "text", int: "integer", float: "number", bool: "true/false", tuple: "comma-separated list",
+              Path: "file path"}
 BOUND_SIGNS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 
 
 def allowed_values(field: FieldInfo) -> str:
     """`integer >= 1`, `number >= 0, <= 1`, `non-empty text`, ... from the field's type and bounds."""
-    kind = TYPE_NAMES[typing.get_origin(field.annotation) or field.annotation]
+    annotation = field.annotation
+    if typing.get_origin(annotation) is Union:  # Optional[X]: unset is allowed, the kind is X's
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    kind = TYPE_NAMES[typing.get_origin(annotation) or annotation]
     bounds = [f"{sign} {number_text(getattr(item, name))}" for item in field.metadata
               for name, sign in BOUND_SIGNS if getattr(item, name, None) is not None]
     if any(getattr(item, "min_length", None) == 1 for item in field.metadata):

@@ -33,6 +33,10 @@ class ErrorCode(StrEnum):
     MISSING_IMAGE = "missing_image", 400  # no image in the request
     CONFLICTING_INPUTS = "conflicting_inputs", 400  # image_url and an upload in the same single-image request
     TOO_MANY_IMAGES = "too_many_images", 400
+    # API keys (only when RC_API_KEYS_FILE is set)
+    MISSING_API_KEY = "missing_api_key", 401  # no `Authorization: Bearer <key>` nor `X-API-Key`
+    INVALID_API_KEY = "invalid_api_key", 401  # unknown or revoked key
+    QUOTA_EXCEEDED = "quota_exceeded", 429  # over the key's rate or daily quota; Retry-After says when to retry
     NOT_FOUND = "not_found", 404
     METHOD_NOT_ALLOWED = "method_not_allowed", 405
     REQUEST_TOO_LARGE = "request_too_large", 413  # whole request body over RC_MAX_REQUEST_BYTES
@@ -75,14 +79,16 @@ RETRY_LATER = frozenset({429, 503})  # the statuses that tell the client to come
 
 
 class ServiceError(Exception):
-    """An answer other than a result: a stable `code` (see ERROR_STATUS) and a human `message`."""
+    """An answer other than a result: a stable `code` (see ERROR_STATUS) and a human `message`;
+    `retry_after_s`, when the error knows it (a key's quota), overrides the configured Retry-After."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, retry_after_s: int | None = None) -> None:
         if code not in ERROR_STATUS:
             raise ValueError(f"unknown error code {code!r}: add it to ErrorCode")
         super().__init__(message)
         self.code = ErrorCode(code)
         self.message = message
+        self.retry_after_s = retry_after_s
 
     @property
     def status(self) -> int:
@@ -122,7 +128,10 @@ def error_response(status: int, body: dict[str, Any], retry_after_s: int | None,
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def service_error_response(error: ServiceError, retry_after_s: int | None, close: bool = False) -> JSONResponse:
-    """A ServiceError as an HTTP answer; `close` ends the connection after it (a refused body stays unread)."""
-    return error_response(error.status, error_body(error.code, error.message), retry_after_s,
-                          {"Connection": "close"} if close else None)
+def service_error_response(error: ServiceError, retry_after_s: int | None, close: bool = False,
+                           headers: dict[str, str] | None = None) -> JSONResponse:
+    """A ServiceError as an HTTP answer (the error's own Retry-After first); `close` ends the connection after
+    it (a refused body stays unread)."""
+    headers = {**(headers or {}), **({"Connection": "close"} if close else {})}
+    return error_response(error.status, error_body(error.code, error.message),
+                          error.retry_after_s if error.retry_after_s is not None else retry_after_s, headers)

@@ -8,10 +8,13 @@ Added to the BentoML service with `add_asgi_middleware`, outermost first:
 2. `RequestTimeoutMiddleware` answers 504 `timeout` in that shape when a request runs too long.
    BentoML's own traffic timeout sits outside every middleware and answers `{"error": "..."}`, so the
    service sets it a little longer, as a backstop only.
-3. `LoadSheddingMiddleware` caps classify requests in flight; a few more may wait briefly for a slot,
+3. `ApiKeyMiddleware` (only with RC_API_KEYS_FILE) lets classify requests in with a valid key that has
+   quota left, and answers 401/429 otherwise, before the load shedder: a flooding key is refused at the
+   door and never takes a slot from the others (`inference/api_keys.py` holds the keys and quotas).
+4. `LoadSheddingMiddleware` caps classify requests in flight; a few more may wait briefly for a slot,
    and the rest get 429 + Retry-After at once (BentoML's own `max_concurrency` answers 429 without
    Retry-After, in another shape, so the limit lives here).
-4. `RequestGuardMiddleware` reads the request body before BentoML does: bodies over the byte limit get
+5. `RequestGuardMiddleware` reads the request body before BentoML does: bodies over the byte limit get
    413 (from Content-Length when declared, else while streaming), and form bodies must send file
    fields as real file parts. That last check closes a hole: given a *text* value for a file field,
    BentoML's form parser downloads it as a URL itself, outside our URL vetting, limits and timeouts.
@@ -32,6 +35,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse
 
+from inference.api_keys import CURRENT_ADMISSION, WWW_AUTHENTICATE, ApiKeys, count_request
 from inference.errors import (
     CODE_FOR_STATUS,
     ErrorCode,
@@ -154,6 +158,46 @@ class RequestTimeoutMiddleware:
         if deadline.cancelled_caught and not started:
             await send_error(scope, receive, send,
                              ServiceError(ErrorCode.TIMEOUT, f"the request took longer than {self.timeout_s:g} s"))
+
+
+class ApiKeyMiddleware:
+    """Requests to `paths` need a valid API key with quota left (`ApiKeys.admit`): 401 `missing_api_key` /
+    `invalid_api_key` or 429 `quota_exceeded` otherwise, at once and without reading the body.
+
+    The admission is the request's `CURRENT_ADMISSION` (a context variable), through which classify_batch
+    pays for its other images (`pay_for_batch`); every answer is counted per key name and status
+    (`rc_api_key_requests_total`).
+    """
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys, paths: Iterable[str]) -> None:
+        self.app = app
+        self.keys = keys
+        self.paths = frozenset(paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        try:
+            admission = self.keys.admit(headers.get("authorization"), headers.get("x-api-key"))
+        except ServiceError as exc:
+            count_request(getattr(exc, "key_name", ""), exc.status, images=0)
+            challenge = {"WWW-Authenticate": WWW_AUTHENTICATE} if exc.status == 401 else None
+            return await service_error_response(exc, None, close=True, headers=challenge)(scope, receive, send)
+        admitted = CURRENT_ADMISSION.set(admission)
+        status: int | None = None
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            CURRENT_ADMISSION.reset(admitted)
+            count_request(admission.key.name, status, admission.images)
 
 
 class LoadSheddingMiddleware:

@@ -19,6 +19,10 @@ from typing import Sequence
 
 import numpy as np
 
+# The label of "none of these rooms" (data_prep.common.OTHER names the dataset folder it comes from). A request
+# with `rooms_only` leaves it out: the rooms' probabilities renormalised, the best room as the answer.
+OTHER_LABEL = "other"
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -42,11 +46,14 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def postprocess(logits: np.ndarray, labels: Sequence[str], temperature: float, top_k: int,
-                threshold: float) -> list[Prediction]:
-    """[N, num_labels] logits -> N predictions. `top_k` is clamped to 1..num_labels."""
+                threshold: float, leave_out: Sequence[str] = ()) -> list[Prediction]:
+    """[N, num_labels] logits -> N predictions. `top_k` is clamped to 1..num_labels. Labels in `leave_out`
+    are dropped before the softmax, so the others' probabilities are renormalised among themselves."""
     logits = np.asarray(logits)
     if logits.ndim != 2 or logits.shape[1] != len(labels):
         raise ValueError(f"expected logits of shape [N, {len(labels)}], got {list(logits.shape)}")
+    keep = [index for index, label in enumerate(labels) if label not in leave_out]
+    logits, labels = logits[:, keep], [labels[index] for index in keep]
     k = max(1, min(int(top_k), len(labels)))
     return [prediction(row, labels, k, threshold) for row in softmax(logits, temperature)]
 

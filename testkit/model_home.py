@@ -44,10 +44,12 @@ def run_with_home(home: Path | str, args: list[str], timeout_s: float | None = N
     return result.stdout
 
 
-def register_tiny_model_in(home: Path | str, explainable: bool = False) -> TinyModel:
-    """Save the tiny test model (or its variant with activation maps) into `home` (from a subprocess: this
-    process's bentoml config is untouched)."""
-    args = ["-m", "tests.tiny_model", "--json", *(["--explainable"] if explainable else [])]
+def register_tiny_model_in(home: Path | str, with_other: bool = False, explainable: bool = False) -> TinyModel:
+    """Save the tiny test model into `home` (from a subprocess: this process's bentoml config is untouched);
+    `with_other`: the five-label variant that answers `other` for white images; `explainable`: the variant with
+    activation maps."""
+    args = (["-m", "tests.tiny_model", "--json"] + (["--with-other"] if with_other else [])
+            + (["--explainable"] if explainable else []))
     data = json.loads(run_with_home(home, args, timeout_s=120).strip().splitlines()[-1])
     return TinyModel(home=Path(home), tag=data["tag"], onnx_path=Path(data["path"]) / "model.onnx",
                      metadata=data["metadata"])

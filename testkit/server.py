@@ -79,10 +79,12 @@ class BentoServer:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
 
-    def client(self, wait_ready: bool = True):  # -> bentoml.SyncHTTPClient
+    def client(self, wait_ready: bool = True, token: str | None = None):  # -> bentoml.SyncHTTPClient
+        """BentoML's generated client; `token` is an API key, sent as `Authorization: Bearer <token>`."""
         import bentoml
 
-        return bentoml.SyncHTTPClient(self.url, timeout=60, server_ready_timeout=None if wait_ready else 0)
+        return bentoml.SyncHTTPClient(self.url, timeout=60, server_ready_timeout=None if wait_ready else 0,
+                                      token=token)
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and all its worker processes."""

@@ -5,7 +5,10 @@ serving dependencies. End-to-end (`-m e2e`, needs root podman, a few minutes): a
 gets a model (the tiny test model, or a trained one named by RC_E2E_MODEL_HOME / RC_E2E_MODEL_TAG),
 scripts/container/build_image.sh builds the bento and containerizes it with podman, the container runs
 on a free loopback port, and BentoML's generated client gets the same answers from it as from
-`bentoml serve` of the same bento. Images, containers and the temporary home are removed afterwards.
+`bentoml serve` of the same bento; then the image runs as the Helm chart's pod would (the rendered
+Deployment's CPU/memory limits, user, read-only root, settings: needs helm), answers its probes, sizes its
+threads from the CPU limit, and drains a burst of uploads on SIGTERM. Images, containers and the temporary
+home are removed afterwards.
 
 On a machine without a registry, run scripts/container/setup_podman.sh first (the test runs it when
 podman or the local base image is missing and it is root). RC_BASE_IMAGE and RC_EXTRA_CA_CERTS are
@@ -21,8 +24,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -275,3 +280,157 @@ def test_image_is_small_and_has_no_compilers(image):
     found = run(["podman", "run", "--rm", "--entrypoint", "/bin/sh", image[0], "-c",
                  "command -v gcc cc git make || true"]).stdout.split()
     assert found == [], found
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pod the Helm chart makes (deploy/helm/room-classifier), with podman: the rendered Deployment's CPU and
+# memory limits, user, read-only root filesystem with its /tmp emptyDir, environment and ConfigMap.
+
+BURST = 48  # requests of 4 photos at 1600x1200 in flight when SIGTERM arrives (RC_MAX_CONCURRENCY + RC_MAX_QUEUED
+# is 96: none is shed)
+
+
+@pytest.fixture(scope="module")
+def chart_pod() -> dict:
+    """The container and ConfigMap of the chart rendered with its defaults (needs helm, see test_deploy.py)."""
+    from tests.test_deploy import one, render, the_container
+
+    objects = render()
+    return {"container": the_container(objects), "config": one(objects, "ConfigMap")["data"],
+            "pod": one(objects, "Deployment")["spec"]["template"]["spec"]}
+
+
+def podman_args_for(chart_pod: dict, cpus: float | None = None) -> list[str]:
+    """`podman run` options that give a container what the chart gives the pod (`cpus` overrides the limit)."""
+    from tests.test_deploy import parse_bytes, parse_cpu
+
+    container, pod = chart_pod["container"], chart_pod["pod"]
+    limits, memory = container["resources"]["limits"], str(parse_bytes(container["resources"]["limits"]["memory"]))
+    args = ["--cpus", str(cpus or parse_cpu(limits["cpu"])), "--memory", memory, "--memory-swap", memory,
+            "--user", f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}",
+            "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+    if container["securityContext"]["readOnlyRootFilesystem"]:
+        args.append("--read-only")
+    for mount in container["volumeMounts"]:  # every volume of the pod is an emptyDir
+        args += ["--tmpfs", mount["mountPath"]]
+    for name, value in [*((item["name"], item["value"]) for item in container["env"]), *chart_pod["config"].items()]:
+        args += ["--env", f"{name}={value}"]
+    return args
+
+
+def startup_budget_s(chart_pod: dict) -> float:
+    probe = chart_pod["container"]["startupProbe"]
+    return probe["periodSeconds"] * probe["failureThreshold"]
+
+
+@contextmanager
+def pod_container(image_name: str, chart_pod: dict, cpus: float | None = None) -> Iterator[tuple[str, str, float]]:
+    """(container name, URL, seconds until /readyz answered) of the image run as the chart's pod; removed after."""
+    from testkit.server import free_port, wait_for_http
+
+    name, port = f"rc-e2e-pod-{uuid.uuid4().hex[:8]}", free_port()
+    try:
+        start = time.monotonic()
+        run(["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:3000",
+             *podman_args_for(chart_pod, cpus), image_name])
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_http(url + "/readyz", startup_budget_s(chart_pod))
+        except Exception:
+            print(run(["podman", "logs", name], check=False).stderr[-4000:])
+            raise
+        yield name, url, time.monotonic() - start
+    finally:
+        run(["podman", "rm", "-f", name], check=False)
+
+
+@pytest.fixture(scope="module")
+def large_photos(photos, tmp_path_factory) -> list[Path]:
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("large")
+    paths = []
+    for photo in photos:
+        path = folder / (photo.stem + ".jpg")
+        Image.open(photo).convert("RGB").resize((1600, 1200)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.e2e
+def test_the_pod_serves_its_probes_under_the_chart_limits(image, chart_pod, photos):
+    import requests
+
+    with pod_container(image[0], chart_pod) as (name, url, ready_s):
+        print(f"ready in {ready_s:.1f} s under the chart's limits (startup budget {startup_budget_s(chart_pod)} s)")
+        assert requests.get(url + "/livez", timeout=5).status_code == 200
+        assert requests.get(url + "/readyz", timeout=5).status_code == 200
+        singles, _ = classify_each_and_all(url, photos)
+        assert all(answer["model"] for answer in singles)
+        host = json.loads(run(["podman", "inspect", name]).stdout)[0]["HostConfig"]
+        assert host["ReadonlyRootfs"] is True
+        assert run(["podman", "exec", name, "id", "-u"]).stdout.strip() == str(
+            chart_pod["pod"]["securityContext"]["runAsUser"])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("cpus", [None, 1.0], ids=["chart-limit", "one-cpu"])
+def test_threads_follow_the_cpu_limit(image, chart_pod, cpus):
+    """RC_ORT_THREADS and RC_DECODE_THREADS are left unset by the chart: their defaults come from the CPU limit
+    (inference.config.available_cores reads the cgroup quota), never from the host's core count."""
+    import math
+
+    import requests
+
+    from tests.test_deploy import parse_cpu
+
+    limit = cpus or parse_cpu(chart_pod["container"]["resources"]["limits"]["cpu"])
+    cores = min(len(os.sched_getaffinity(0)), math.ceil(limit))
+    with pod_container(image[0], chart_pod, cpus) as (_, url, _):
+        config = requests.get(url + "/health", timeout=10).json()["config"]
+    assert (config["workers"], config["decode_threads"], config["ort_threads"]) == (1, cores, max(1, cores // 2))
+
+
+@pytest.mark.e2e
+def test_sigterm_during_a_burst_fails_no_request(image, chart_pod, large_photos):
+    """What the pod does after its preStop pause: SIGTERM with uploads in flight; each one is answered, then
+    the server exits 0 well within the grace period."""
+    import threading
+
+    import bentoml
+
+    grace_s = chart_pod["pod"]["terminationGracePeriodSeconds"]
+    with pod_container(image[0], chart_pod) as (name, url, _):
+        clients = [bentoml.SyncHTTPClient(url, timeout=60) for _ in range(BURST)]
+        answers: list[tuple[float, str]] = []
+        go, first_answer = threading.Barrier(BURST + 1), threading.Event()
+
+        def upload(index: int) -> None:
+            go.wait()
+            try:
+                results = as_dict(clients[index].classify_batch(images=large_photos))["results"]
+                answers.append((time.monotonic(), "ok" if all(item["result"] for item in results) else str(results)))
+            except Exception as exc:  # the assertion below lists it
+                answers.append((time.monotonic(), f"failed: {exc!r}"[:200]))
+            first_answer.set()
+
+        threads = [threading.Thread(target=upload, args=(i,)) for i in range(BURST)]
+        for thread in threads:
+            thread.start()
+        go.wait()
+        assert first_answer.wait(30)
+        time.sleep(0.1)  # every request sent and read by the server: in flight, as after the preStop pause
+        signalled = time.monotonic()
+        run(["podman", "kill", "--signal", "TERM", name])
+        for thread in threads:
+            thread.join(60)
+        exit_code = run(["podman", "wait", name], timeout=grace_s).stdout.strip()
+        stopped_s = time.monotonic() - signalled
+        for client in clients:
+            client.close()
+    failures = [outcome for _, outcome in answers if outcome != "ok"]
+    after_signal = sum(1 for at, _ in answers if at > signalled)
+    print(f"{after_signal} of {BURST} answered after SIGTERM; stopped {stopped_s:.1f} s after it")
+    assert len(answers) == BURST and failures == []
+    assert after_signal > 0  # else the signal came after the burst and this test proved nothing
+    assert exit_code == "0" and stopped_s < grace_s

@@ -65,7 +65,7 @@ def test_teacher_loads_strictly_and_knows_rooms_zero_shot(teacher) -> None:
     from training.teacher import teacher_preprocess
 
     assert isinstance(teacher.network.maxpool, nn.Identity)
-    assert teacher.room_indices.tolist() == [45, 52, 203, 215]
+    assert teacher.membership[[45, 52, 203, 215], range(4)].tolist() == [1.0] * 4  # each room's own scene
     hits = {}
     for index, label in enumerate(CLASSES):
         batch = torch.from_numpy(np.stack([teacher_preprocess(load_rgb(p)) for p in photos(label, 3)]))
@@ -88,11 +88,12 @@ def test_a_bathroom_photo_is_a_bathroom(teacher) -> None:
 
 
 @needs_teacher
-def test_category_file_agrees_with_the_room_indices() -> None:
-    from training.teacher import ROOM_INDICES, scene_names
+def test_category_file_agrees_with_the_room_scenes() -> None:
+    from training.teacher import ROOM_SCENES, scene_names
 
     names = scene_names(WEIGHTS)
-    assert {label: names[index] for label, index in ROOM_INDICES.items()} == {label: label for label in CLASSES}
+    assert {label: names[scenes[label]] for label, scenes in ROOM_SCENES.items()} == {label: label for label in CLASSES}
+    assert all(names[index] == name for scenes in ROOM_SCENES.values() for name, index in scenes.items())
 
 
 @needs_teacher

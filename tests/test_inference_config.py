@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,31 @@ def test_every_bad_variable_is_named_at_once() -> None:
         ServiceConfig.from_env({"RC_WORKERS": "0", "RC_FETCH_READ_TIMEOUT_S": "-1", "RC_MAX_PIXELS": "ok"})
     message = str(caught.value)
     assert all(name in message for name in ("RC_WORKERS='0'", "RC_FETCH_READ_TIMEOUT_S='-1'", "RC_MAX_PIXELS='ok'"))
+
+
+def write_cgroup(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("files, cores", [
+    ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2, 1.5 CPUs: two threads may run at once
+    ({"cpu.max": "100000 100000\n"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+])
+def test_a_cpu_limit_caps_the_cores(tmp_path: Path, files: dict[str, str], cores: int) -> None:
+    from inference.config import available_cores
+
+    assert available_cores(write_cgroup(tmp_path, files)) == min(cores, len(os.sched_getaffinity(0)))
+
+
+@pytest.mark.parametrize("files", [{}, {"cpu.max": "max 100000\n"}, {"cpu/cpu.cfs_quota_us": "-1\n",
+                                                                       "cpu/cpu.cfs_period_us": "100000\n"}])
+def test_no_cpu_limit_leaves_the_affinity(tmp_path: Path, files: dict[str, str]) -> None:
+    from inference.config import available_cores, cgroup_cpu_quota
+
+    assert cgroup_cpu_quota(write_cgroup(tmp_path, files)) is None
+    assert available_cores(tmp_path) == len(os.sched_getaffinity(0))

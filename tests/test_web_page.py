@@ -8,8 +8,8 @@ class text, four bars whose widths are the probabilities, the "not sure" notice,
 next to the photo it belongs to, and the CSV download. Each state is saved as a screenshot; the folder is
 printed at the end of the run (ROOM_SCREENSHOTS=<dir> picks it).
 
-Without /usr/bin/chromium (or `chromium` on PATH) the browser tests are skipped, unless
-ROOM_REQUIRE_BROWSER=1 (CI) makes that a failure. The header and /docs checks need no browser.
+Without /usr/bin/chromium (or `chromium` on PATH; `make setup` installs it) the browser tests are skipped, unless
+ROOM_REQUIRE_BROWSER=1 (`make test`) makes that a failure. The header and /docs checks need no browser.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
+from inference.api_keys import add_key
 from testkit.image_host import ImageHost
 from testkit.images import encode, noisy_image, solid_jpeg
 from testkit.model_home import TinyModel
@@ -82,6 +83,7 @@ def test_health_still_answers_json_with_the_limits_the_page_reads(server: BentoS
     assert response.status_code == 200 and response.headers["content-type"] == "application/json"
     config = response.json()["config"]
     assert config["max_images_per_request"] == 16 and config["uncertain_threshold"] == 0.5
+    assert config["api_key_required"] is False  # the page shows no key field
 
 
 def test_swagger_ui_is_served_at_docs_from_bentomls_own_assets(server: BentoServer) -> None:
@@ -534,3 +536,43 @@ def encode_png_of(photo: Path) -> bytes:
 
     with Image.open(photo) as image:
         return encode(image.convert("RGB"), "PNG")
+
+
+@pytest.fixture(scope="module")
+def keyed_server(browser: Any, tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A server with API keys on, and its one key (after `browser`, like small_limits_server)."""
+    folder = tmp_path_factory.mktemp("web_keys")
+    key = add_key(folder / "keys.json", "web-page", rate=50)
+    with serve_model_home(tiny_model.home, folder / "server.log", RC_API_KEYS_FILE=str(folder / "keys.json")) as srv:
+        yield srv, key
+
+
+def test_page_takes_an_api_key_where_the_server_needs_one(browser: Any, keyed_server: tuple[BentoServer, str],
+                                                          screenshots: Path, photos: list[Path]) -> None:
+    """The key field shows (the server says so in /health); without a key a photo gets `missing_api_key`; with
+    one, requests carry it as a Bearer token; it is stored nowhere and a reload forgets it."""
+    from playwright.sync_api import expect
+
+    server, key = keyed_server
+    with page_session(browser, server, screenshots, DESKTOP) as web:
+        web.open()
+        field = web.page.get_by_label("API key")
+        expect(field).to_be_visible()
+        expect(field).to_have_attribute("type", "password")
+        web.page.set_input_files("#file-input", str(photos[0]))
+        web.wait_until_answered(1)
+        assert_shows_error(web, photos[0].name, "missing_api_key")
+
+        field.fill(key)
+        with web.page.expect_response(lambda response: response.url.endswith("/classify_batch")) as answered:
+            web.page.set_input_files("#file-input", [str(path) for path in photos[1:3]])
+        assert answered.value.request.headers["authorization"] == f"Bearer {key}"
+        items = {item["input"]: item["result"] for item in answered.value.json()["results"]}
+        web.wait_until_answered(3)
+        for index, photo in enumerate(photos[1:3]):
+            assert_shows_result(web, photo.name, items[f"images[{index}]"])
+        web.shot("11-api-key")
+        stored = web.page.evaluate("() => [localStorage.length, sessionStorage.length, document.cookie]")
+        assert stored == [0, 0, ""] and key not in web.page.url
+        web.page.reload()
+        expect(web.page.get_by_label("API key")).to_have_value("")

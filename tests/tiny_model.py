@@ -2,8 +2,9 @@
 
 The graph is GlobalAveragePool -> Flatten -> Gemm: four logits from the mean colour of the image, with
 fixed weights chosen so that plain colours land on different classes after ImageNet normalisation:
-red -> bedroom, green -> kitchen, blue -> bathroom, black -> living_room. It follows the serving
-contract (input `input` float32 [N,3,224,224] with dynamic N, output `logits` [N,4], opset 17).
+red -> bedroom, green -> kitchen, blue -> bathroom, black -> living_room; with `--with-other` a fifth label,
+`other` ("none of these rooms"), for white. It follows the serving
+contract (input `input` float32 [N,3,224,224] with dynamic N, output `logits` [N,4] or [N,5], opset 17).
 
 The explainable variant (`explainable=True`) pools the image to a 7x7 grid of 32x32-pixel cells first
 (AveragePool -> GlobalAveragePool -> Flatten -> Gemm: the same logits) and gets the class-activation maps
@@ -30,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from data_prep.common import CLASSES
+from data_prep.common import CLASSES, OTHER
 from inference.preprocess import Preprocessing
 
 TINY_LABELS = list(CLASSES)
@@ -43,13 +44,21 @@ TINY_WEIGHTS = np.array([[-1.0, -1.0, 2.0],   # bathroom: blue
                          [-1.0, -1.0, -1.0]],  # living_room: dark
                         dtype=np.float32)
 TINY_BIAS = np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32)
+OTHER_WEIGHTS = np.array([[1.0, 1.0, 1.0]], dtype=np.float32)  # other: white (bright in every channel)
+OTHER_BIAS = np.array([0.0], dtype=np.float32)
+
+
+def tiny_labels(with_other: bool = False) -> list[str]:
+    return TINY_LABELS + ([OTHER] if with_other else [])
 
 
 GRID_CELL = 32  # the explainable variant's feature map: 224 / 32 = 7x7 cells, like MobileNetV2's
 
 
-def build_tiny_onnx(path: Path, explainable: bool = False) -> Path:
+def build_tiny_onnx(path: Path, with_other: bool = False, explainable: bool = False) -> Path:
     """Write the tiny classifier to `path` and return it."""
+    weights = np.concatenate([TINY_WEIGHTS, OTHER_WEIGHTS]) if with_other else TINY_WEIGHTS
+    bias = np.concatenate([TINY_BIAS, OTHER_BIAS]) if with_other else TINY_BIAS
     cells = [helper.make_node("AveragePool", ["input"], ["cells"], kernel_shape=[GRID_CELL, GRID_CELL],
                               strides=[GRID_CELL, GRID_CELL])]
     graph = helper.make_graph(
@@ -61,8 +70,8 @@ def build_tiny_onnx(path: Path, explainable: bool = False) -> Path:
         ],
         name="tiny_room_classifier",
         inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, IMAGE_SIZE, IMAGE_SIZE])],
-        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(TINY_LABELS)])],
-        initializer=[numpy_helper.from_array(TINY_WEIGHTS, "weight"), numpy_helper.from_array(TINY_BIAS, "bias")],
+        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(weights)])],
+        initializer=[numpy_helper.from_array(weights, "weight"), numpy_helper.from_array(bias, "bias")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests.tiny_model")
     model.ir_version = 8
@@ -77,10 +86,10 @@ def build_tiny_onnx(path: Path, explainable: bool = False) -> Path:
     return path
 
 
-def tiny_metadata() -> dict[str, Any]:
+def tiny_metadata(with_other: bool = False) -> dict[str, Any]:
     """Metadata shaped like real training's, so the service reads it the same way."""
     return {
-        "labels": list(TINY_LABELS),
+        "labels": tiny_labels(with_other),
         "preprocessing": Preprocessing(image_size=IMAGE_SIZE).to_dict(),
         "temperature": TINY_TEMPERATURE,
         "architecture": "tiny_gap_gemm",
@@ -89,21 +98,22 @@ def tiny_metadata() -> dict[str, Any]:
     }
 
 
-def register_tiny_model(explainable: bool = False):  # -> bentoml.Tag
+def register_tiny_model(with_other: bool = False, explainable: bool = False):  # -> bentoml.Tag
     """Save the tiny model as `room_classifier` in the current BentoML home; return its tag."""
     from training.register import save_to_model_store  # imports bentoml: keep it out of module import
 
     with tempfile.TemporaryDirectory() as workdir:
-        onnx_path = build_tiny_onnx(Path(workdir) / "model.onnx", explainable)
-        return save_to_model_store(onnx_path, tiny_metadata())
+        onnx_path = build_tiny_onnx(Path(workdir) / "model.onnx", with_other, explainable)
+        return save_to_model_store(onnx_path, tiny_metadata(with_other))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print tag, model directory and metadata as JSON")
+    parser.add_argument("--with-other", action="store_true", help=f"a fifth label, {OTHER!r}, for white images")
     parser.add_argument("--explainable", action="store_true", help="the variant with activation maps")
     args = parser.parse_args()
-    tag = register_tiny_model(args.explainable)
+    tag = register_tiny_model(args.with_other, args.explainable)
     if not args.json:
         print(tag)
         return

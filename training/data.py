@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from data_prep.common import IMAGE_EXTENSIONS
+from data_prep.common import IMAGE_EXTENSIONS, OTHER
 from inference.config import ServiceConfig
 from inference.decode import decode_image
 from inference.preprocess import Preprocessing, preprocess
@@ -28,6 +28,15 @@ class Sample:
     def source(self) -> str:
         """data_prep names files `<source>__<relative path>`; the prefix tells where a photo came from."""
         return self.path.name.split("__", 1)[0] if "__" in self.path.name else "unknown"
+
+    @property
+    def scene(self) -> str:
+        """The scene type: the class folder for a room; for an `other` photo the scene folder its name carries
+        (data_prep names it `<source>__<scene>__<file>`)."""
+        folder = self.path.parent.name
+        if folder == OTHER and self.path.name.count("__") >= 2:
+            return self.path.name.split("__")[1]
+        return folder
 
 
 def discover_labels(root: Path) -> list[str]:
@@ -63,10 +72,34 @@ def dataset_fingerprint(root: Path) -> str:
     return digest.hexdigest()
 
 
+# The MiniPlaces "other" photos are 128 px while the room photos are 256 px or more: shown at full resolution
+# only, rooms would teach the model that "sharp" means "room". Every photo, whatever its class, is seen at
+# 128 px (then upsampled by the crop) with this probability, so resolution tells nothing about the class.
+LOW_RESOLUTION_SIDE = 128
+LOW_RESOLUTION_P = 0.5
+
+
+class RandomLowResolution(torch.nn.Module):
+    """With probability `p`, shrink a PIL image so its shorter side is `side` (images already that small stay)."""
+
+    def __init__(self, side: int = LOW_RESOLUTION_SIDE, p: float = LOW_RESOLUTION_P) -> None:
+        super().__init__()
+        self.side, self.p = side, p
+
+    def forward(self, image: Image.Image) -> Image.Image:
+        shorter = min(image.size)
+        if shorter <= self.side or torch.rand(1).item() >= self.p:
+            return image
+        scale = self.side / shorter
+        return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+
+
 def train_augmentation(config: Preprocessing) -> T.Compose:
     """Augmentation for room photos: crops that keep most of the room, mirror (rooms are left/right
-    symmetric, never upside down), mild colour and lighting changes of real listings."""
+    symmetric, never upside down), mild colour and lighting changes of real listings, and low resolution
+    (see LOW_RESOLUTION_P) so that image size is never the cue for `other`."""
     return T.Compose([
+        RandomLowResolution(),
         T.RandomResizedCrop(config.image_size, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
         T.RandomHorizontalFlip(),
         T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.25, hue=0.02),

@@ -16,10 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from data_prep.common import OTHER  # noqa: E402
 from inference.postprocess import softmax  # noqa: E402
 from training.data import Sample, dataset_fingerprint, discover_labels, list_samples, load_rgb  # noqa: E402
 from training.evaluate import accuracy_by_source  # noqa: E402
 from training.metrics import calibration_bins, classification_report, fit_temperature  # noqa: E402
+from training.openset import openset_scores, other_scenes_of  # noqa: E402
 from training.soft_targets import (  # noqa: E402
     SoftTargetCache,
     bf16_is_fast,
@@ -162,8 +164,9 @@ def plot_audit_grid(data: Path, rows: list[dict[str, Any]], path: Path, columns:
 
 def teacher_report(data: Path, weights_dir: Path | None, out_dir: Path, cache_dir: Path | None = None,
                    latency: bool = True) -> dict[str, Any]:
-    """Zero-shot scores of the teacher's four room outputs (temperature fitted on val), its latency in ONNX
-    Runtime as the students are measured, and the label audit; the compare table's teacher row."""
+    """Zero-shot scores of the teacher's room outputs (each room the sum of its scenes, `other` every other
+    scene; temperature fitted on val), with `other` its open-set scores too, its latency in ONNX Runtime as the
+    students are measured, and the label audit; the compare table's teacher row."""
     passed = teacher_pass(data, weights_dir, cache_dir, ("train", "val", "test"))
     teacher, labels = passed["teacher"], passed["labels"]
     val_logits = room_logits(passed["scene_logits"]["val"], teacher)
@@ -181,6 +184,10 @@ def teacher_report(data: Path, weights_dir: Path | None, out_dir: Path, cache_di
         "teacher_pass": passed["cost"],
         "params_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
     }
+    if OTHER in labels:
+        seen = other_scenes_of(passed["samples"]["train"], labels)
+        report["openset"] = {split: openset_scores(logits, passed["samples"][split], labels, temperature, seen)
+                             for split, logits in (("val", val_logits), ("test", test_logits))}
     if latency:
         report["latency"], report["onnx_bytes"] = teacher_latency(teacher, out_dir)
     report["label_audit"] = label_audit(data, teacher, out_dir, weights_dir, cache_dir)

@@ -17,12 +17,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from data_prep.common import OTHER  # noqa: E402
 from inference.config import ServiceConfig  # noqa: E402
-from inference.preprocess import Preprocessing, bytes_to_input  # noqa: E402
-from training.data import Sample  # noqa: E402
+from inference.preprocess import Preprocessing, bytes_to_input, preprocess  # noqa: E402
+from training.data import Sample, load_rgb  # noqa: E402
 from training.metrics import calibration_bins, classification_report, fit_temperature, negative_log_likelihood, softmax  # noqa: E402
+from training.openset import (  # noqa: E402
+    LOW_RESOLUTION_CHECK_SIDE,
+    openset_markdown,
+    openset_scores,
+    plot_other_rates,
+    population_rates,
+    populations,
+)
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
 SERVICE_DEFAULTS = ServiceConfig()  # the service's default settings: decoder limits, JPEG draft decoding
@@ -34,12 +44,23 @@ def load_input(sample: Sample, config: Preprocessing) -> np.ndarray:
                           SERVICE_DEFAULTS.jpeg_draft)
 
 
+def load_shrunk_input(sample: Sample, config: Preprocessing, side: int = LOW_RESOLUTION_CHECK_SIDE) -> np.ndarray:
+    """The photo shrunk so its shorter side is `side` (as the 128 px MiniPlaces photos), then the service's path:
+    for the shortcut check, "is a small photo called `other` because it is small?"."""
+    image = load_rgb(sample.path)
+    scale = side / min(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    return preprocess(image, config)
+
+
 def predict_logits(logits_fn: LogitsFn, samples: list[Sample], config: Preprocessing, desc: str,
-                   batch_size: int = 32) -> np.ndarray:
+                   batch_size: int = 32, loader: Callable[[Sample, Preprocessing], np.ndarray] = load_input
+                   ) -> np.ndarray:
     outputs = []
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch"):
-            batch = list(pool.map(lambda s: load_input(s, config), samples[start:start + batch_size]))
+            batch = list(pool.map(lambda s: loader(s, config), samples[start:start + batch_size]))
             outputs.append(logits_fn(np.stack(batch)))
     return np.concatenate(outputs)
 
@@ -53,16 +74,34 @@ def accuracy_by_source(samples: list[Sample], targets: np.ndarray, predictions: 
             for source, hits in sorted(groups.items())}
 
 
+def evaluate_openset(logits_fn: LogitsFn, logits: dict[str, np.ndarray], samples: dict[str, list[Sample]],
+                     labels: list[str], config: Preprocessing, temperature: float,
+                     train_scenes: set[str]) -> dict[str, Any]:
+    """The `other` scores of val and test, and the shortcut check on test rooms shrunk to 128 px."""
+    report = {split: openset_scores(logits[split], samples[split], labels, temperature, train_scenes)
+              for split in ("val", "test")}
+    other_index = labels.index(OTHER)
+    rooms = [sample for sample in samples["test"] if sample.label != other_index]
+    if rooms:
+        shrunk = predict_logits(logits_fn, rooms, config, "evaluate test rooms at 128 px", loader=load_shrunk_input)
+        targets = np.array([sample.label for sample in rooms])
+        rates = population_rates(shrunk.argmax(axis=1), targets, populations(rooms, other_index, train_scenes),
+                                 other_index)
+        report["test_rooms_at_128px"] = {"rooms_as_other": rates["rooms_as_other"], "room_accuracy": rates["rooms"]}
+    return report
+
+
 def evaluate(logits_fn: LogitsFn, val: list[Sample], test: list[Sample], labels: list[str],
-             config: Preprocessing) -> dict[str, Any]:
-    """Scores for the model behind `logits_fn`: val (also used to fit the temperature) and test."""
+             config: Preprocessing, train_scenes: set[str] | None = None) -> dict[str, Any]:
+    """Scores for the model behind `logits_fn`: val (also used to fit the temperature) and test. With an
+    `other` label, also the open-set scores (`train_scenes`: the other scene types training saw)."""
     val_logits = predict_logits(logits_fn, val, config, "evaluate val")
     test_logits = predict_logits(logits_fn, test, config, "evaluate test")
     val_targets = np.array([s.label for s in val])
     test_targets = np.array([s.label for s in test])
     temperature = fit_temperature(val_logits, val_targets)
     test_predictions = test_logits.argmax(axis=1)
-    return {
+    report = {
         "labels": labels,
         "temperature": temperature,
         "val": classification_report(val_targets, val_logits.argmax(axis=1), labels),
@@ -73,8 +112,15 @@ def evaluate(logits_fn: LogitsFn, val: list[Sample], test: list[Sample], labels:
                        "nll": negative_log_likelihood(test_logits, test_targets, 1.0)},
             "after": {**calibration_bins(softmax(test_logits, temperature), test_targets),
                       "nll": negative_log_likelihood(test_logits, test_targets, temperature)},
+            "val_after": {**calibration_bins(softmax(val_logits, temperature), val_targets),
+                          "nll": negative_log_likelihood(val_logits, val_targets, temperature)},
         },
     }
+    if OTHER in labels:
+        report["openset"] = evaluate_openset(logits_fn, {"val": val_logits, "test": test_logits},
+                                             {"val": val, "test": test}, labels, config, temperature,
+                                             train_scenes or set())
+    return report
 
 
 def headline(report: dict[str, Any], split: str = "test") -> dict[str, float]:
@@ -85,6 +131,14 @@ def headline(report: dict[str, Any], split: str = "test") -> dict[str, float]:
     if split == "test":
         summary.update({"ece_before": report["calibration"]["before"]["ece"],
                         "ece_after": report["calibration"]["after"]["ece"], "temperature": report["temperature"]})
+    if "val_after" in report["calibration"] and split == "val":
+        summary["ece_after"] = report["calibration"]["val_after"]["ece"]
+    if "openset" in report:
+        scores = report["openset"][split]
+        summary.update({"room_accuracy": scores["room_accuracy"], "rooms_as_other": scores["rates"]["rooms_as_other"],
+                        "auroc_other": scores["auroc_other"]})
+        summary.update({f"{group}_as_other": scores["rates"][group] for group in ("known_other", "unseen_other")
+                        if group in scores["rates"]})
     return summary
 
 
@@ -155,6 +209,12 @@ def format_markdown(report: dict[str, Any], extra: dict[str, Any]) -> str:
               f"| raw softmax | {before['ece']:.4f} | {before['nll']:.4f} |",
               f"| temperature {report['temperature']:.3f} | {after['ece']:.4f} | {after['nll']:.4f} |", "",
               "![confusion matrix](confusion_matrix.png)", "", "![reliability](reliability.png)", ""]
+    if "val_after" in report["calibration"]:
+        val_after = report["calibration"]["val_after"]
+        lines.insert(-5, f"| validation, temperature {report['temperature']:.3f} | {val_after['ece']:.4f} "
+                         f"| {val_after['nll']:.4f} |")
+    if "openset" in report:
+        lines += openset_markdown(report["openset"])
     return "\n".join(lines)
 
 
@@ -164,3 +224,5 @@ def write_report(report: dict[str, Any], out_dir: Path, extra: dict[str, Any]) -
     (out_dir / "report.md").write_text(format_markdown(report, extra))
     plot_confusion_matrix(report, out_dir / "confusion_matrix.png")
     plot_reliability(report, out_dir / "reliability.png")
+    if "openset" in report:
+        plot_other_rates(report["openset"], out_dir / "other_rates.png")

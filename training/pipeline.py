@@ -23,6 +23,7 @@ from training.data import dataset_fingerprint, discover_labels, list_samples, lo
 from training.evaluate import evaluate, headline, write_report
 from training.export import OPSET, export_onnx, max_logit_difference
 from training.latency import measure_latency_ms
+from training.openset import other_scenes_of
 from training.quantize import quantize_int8
 from training.recipe import Recipe, train, uses_teacher
 from training.register import save_to_model_store
@@ -85,8 +86,9 @@ def evaluate_model(onnx_path: Path, data: Path, checkpoint: dict[str, Any], out_
     labels = checkpoint["labels"]
     config = Preprocessing.from_dict(checkpoint["recipe"]["preprocessing"])
     classifier = OnnxClassifier.from_files(onnx_path, base_metadata(checkpoint))
+    train_scenes = other_scenes_of(list_samples(data, "train", labels), labels)
     report = evaluate(classifier.logits, list_samples(data, "val", labels), list_samples(data, "test", labels),
-                      labels, config)
+                      labels, config, train_scenes)
     report["latency"] = measure_latency_ms(onnx_path, config.image_size)
     report["onnx_bytes"] = onnx_path.stat().st_size
     write_report(report, out_dir, extra)
@@ -147,6 +149,8 @@ def register_step(run_dir: Path) -> str:
         "onnx": {"input": INPUT_NAME, "output": OUTPUT_NAME, "opset": chosen["export"]["opset"],
                  "max_logit_difference_vs_torch": chosen["export"]["max_logit_difference"]},
     })
+    if checkpoint["history"].get("other_operating_point"):
+        metadata["other_operating_point"] = checkpoint["history"]["other_operating_point"]
     tag = save_to_model_store(Path(chosen["path"]), metadata)
     (run_dir / "registered.json").write_text(json.dumps({"tag": str(tag)}, indent=2))
     print(f"registered {tag}")

@@ -24,7 +24,14 @@ import torch
 from tqdm import tqdm
 
 from training.data import Sample, load_rgb
-from training.teacher import CHECKPOINT_NAME, NUM_SCENES, TEACHER_PREPROCESSING, Places365Teacher, teacher_preprocess
+from training.teacher import (
+    CHECKPOINT_NAME,
+    NUM_SCENES,
+    TEACHER_PREPROCESSING,
+    Places365Teacher,
+    grouped_log_probabilities,
+    teacher_preprocess,
+)
 
 CHUNK_SIZE = 256  # images per file written: what an interrupted pass can lose at most
 
@@ -154,5 +161,5 @@ def teacher_scene_logits(teacher: Places365Teacher, samples: list[Sample], cache
 
 
 def room_logits(scene_logits: torch.Tensor | np.ndarray, teacher: Places365Teacher) -> np.ndarray:
-    """The teacher's logits of our classes, in the model's label order."""
-    return np.asarray(scene_logits)[:, teacher.room_indices.cpu().numpy()]
+    """The teacher's log-probabilities of our classes, in the model's label order (logits for a softmax)."""
+    return grouped_log_probabilities(torch.as_tensor(scene_logits), teacher.membership.cpu()).numpy()

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 from torchvision import models
 
+from data_prep.common import OTHER
 from inference.preprocess import Preprocessing, normalize_pixels, trim_long_side
 from training.backbones import WeightsUnavailable, hub_checkpoint_dir
 
@@ -24,8 +25,16 @@ CHECKPOINT_NAME = "wideresnet18_places365.pth.tar"
 CHECKPOINT_URL = f"http://places2.csail.mit.edu/models_places365/{CHECKPOINT_NAME}"
 CATEGORIES_NAME = "categories_places365.txt"
 NUM_SCENES = 365
-# Places365 output index of each of our classes (categories_places365.txt: "/b/bathroom 45", ...).
-ROOM_INDICES = {"bathroom": 45, "bedroom": 52, "kitchen": 203, "living_room": 215}
+# The Places365 scenes a listing photo of each room may be called (categories_places365.txt: "/b/bathroom 45"):
+# the teacher's probability of a room is the sum over its scenes, and OTHER gets every scene not listed here.
+# Without the near-synonyms a real bedroom the teacher calls "hotel_room" would teach the student "other".
+ROOM_SCENES: dict[str, dict[str, int]] = {
+    "bathroom": {"bathroom": 45, "shower": 303},
+    "bedroom": {"bedroom": 52, "bedchamber": 51, "hotel_room": 182, "dorm_room": 124, "childs_room": 89,
+                "nursery": 240},
+    "kitchen": {"kitchen": 203, "galley": 155},
+    "living_room": {"living_room": 215, "television_room": 328},
+}
 # CSAIL's evaluation transform: squash to 256x256 (no aspect kept), centre crop 224, ImageNet mean/std.
 TEACHER_PREPROCESSING = Preprocessing(image_size=224, resize_size=256)
 
@@ -71,24 +80,41 @@ def strip_data_parallel(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     return {key.removeprefix("module."): value for key, value in state_dict.items()}
 
 
+def scene_membership(labels: list[str]) -> np.ndarray:
+    """[365, len(labels)] 0/1: which Places scenes make up each of our labels (OTHER: every unlisted scene)."""
+    unknown = [label for label in labels if label not in ROOM_SCENES and label != OTHER]
+    if unknown:
+        raise ValueError(f"the Places365 teacher knows no class {unknown}; it knows {sorted(ROOM_SCENES)} and {OTHER}")
+    membership = np.zeros((NUM_SCENES, len(labels)), dtype=np.float32)
+    for column, label in enumerate(labels):
+        if label != OTHER:
+            membership[list(ROOM_SCENES[label].values()), column] = 1.0
+    if OTHER in labels:
+        membership[:, labels.index(OTHER)] = 1.0 - membership.sum(axis=1).clip(max=1.0)
+    return membership
+
+
+def grouped_log_probabilities(scene_logits: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
+    """log(softmax(scene logits) @ membership): the teacher's log-probability of each of our labels. A softmax
+    over these is its belief among our labels (for the four rooms alone: renormalised over their scenes)."""
+    return torch.log((torch.softmax(scene_logits.float(), dim=1) @ membership).clamp_min(1e-12))
+
+
 class Places365Teacher(nn.Module):
-    """Scene network whose `forward` gives the logits of our room classes, in `labels` order."""
+    """Scene network whose `forward` gives the log-probabilities of our classes, in `labels` order."""
 
     def __init__(self, network: nn.Module, labels: list[str]) -> None:
         super().__init__()
-        unknown = [label for label in labels if label not in ROOM_INDICES]
-        if unknown:
-            raise ValueError(f"the Places365 teacher knows no class {unknown}; it knows {sorted(ROOM_INDICES)}")
         self.network = network
         self.labels = list(labels)
-        self.register_buffer("room_indices", torch.tensor([ROOM_INDICES[label] for label in labels]))
+        self.register_buffer("membership", torch.from_numpy(scene_membership(self.labels)))
 
     def scene_logits(self, images: torch.Tensor) -> torch.Tensor:
         """All 365 Places logits (kept for the label audit: what the teacher thinks a photo shows)."""
         return self.network(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.scene_logits(images)[:, self.room_indices]
+        return grouped_log_probabilities(self.scene_logits(images), self.membership)
 
 
 def load_teacher(labels: list[str], weights_dir: Path | None = None) -> Places365Teacher:

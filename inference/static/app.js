@@ -27,7 +27,10 @@
     return node;
   }
 
-  const readable = (label) => String(label).replace(/_/g, " ");
+  // "other" is the model's answer for a photo that shows none of the rooms (a house front, a yard, a hallway)
+  const OTHER_LABEL = "other";
+  const readable = (label) => (String(label) === OTHER_LABEL ? "not one of the four rooms"
+                                                             : String(label).replace(/_/g, " "));
   const capitalised = (text) => text.charAt(0).toUpperCase() + text.slice(1);
   const percent = (p) => (p * 100).toFixed(1) + "%";
 
@@ -58,6 +61,7 @@
     if (typeof config.uncertain_threshold === "number") {
       byId("threshold-input").value = String(config.uncertain_threshold);
     }
+    if (config.api_key_required === true) showKeyBox();
     if (config.url_fetch === false) {
       byId("url-input").disabled = true;
       byId("url-form").querySelector("button").disabled = true;
@@ -71,6 +75,18 @@
     status.textContent = "Ready: model " + body.model + " (" + state.labels.map(readable).join(", ") + ").";
     byId("limit-hint").textContent = "Up to " + state.maxPerRequest + " photos go in one request " +
       "(a listing's gallery); more are sent in groups of " + state.maxPerRequest + ".";
+  }
+
+  // ---- the API key, where the server needs one -------------------------------------------------------
+  // It lives in the field only (this tab's memory): never in storage, cookies, the URL or the CSV.
+
+  function showKeyBox() {
+    byId("key-box").hidden = false;
+  }
+
+  function keyHeaders() {
+    const key = byId("api-key-input").value.trim();
+    return key ? { Authorization: "Bearer " + key } : {};
   }
 
   // ---- adding photos ---------------------------------------------------------------------------------
@@ -206,14 +222,18 @@
       for (const entry of chunk) form.append(single ? "image" : "images", entry.file, entry.file.name || "image");
       if (limit !== null) form.append("threshold", String(limit));
       if (state.why) form.append("explain", "true");
-      return { path: path, init: { method: "POST", body: form } };
+      return { path: path, init: { method: "POST", headers: keyHeaders(), body: form } };
     }
     const body = single ? { image_url: chunk[0].url } : { image_urls: chunk.map((entry) => entry.url) };
     if (limit !== null) body.threshold = limit;
     if (state.why) body.explain = true;
     return {
       path: path,
-      init: { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) },
+      init: {
+        method: "POST",
+        headers: Object.assign({ "Content-Type": "application/json" }, keyHeaders()),
+        body: JSON.stringify(body),
+      },
     };
   }
 
@@ -243,6 +263,10 @@
       return;
     }
     const body = await readJson(response);
+    if (response.status === 401) {
+      showKeyBox(); // the server asks for a key: show where to give it
+      byId("api-key-input").focus();
+    }
     if (!response.ok || body === null) {
       const error = errorOf(response, body); // a request-level refusal belongs to every photo in it
       chunk.forEach((entry) => showError(entry, error));
@@ -316,7 +340,7 @@
       head.push(element("p", "uncertain", "Not sure: " + guess + "?"));
     }
     const bars = element("ul", "bars");
-    bars.setAttribute("aria-label", "Probability of each room");
+    bars.setAttribute("aria-label", "Probability of each answer");
     for (const name of barOrder(result)) {
       const p = probability.get(name) || 0;
       const bar = element("li", name === label ? "bar top" : "bar");
