@@ -65,7 +65,7 @@ compare: setup
 
 bento: $(BENTO)
 
-$(BENTO): $(REGISTERED) service.py bentofile.yaml $(wildcard inference/*.py inference/static/*) | $(VENV)/.installed
+$(BENTO): $(REGISTERED) service.py bentofile.yaml $(wildcard inference/*.py serving/*.py serving/static/*) | $(VENV)/.installed
 	$(VENV)/bin/bentoml build
 	touch $@
 

@@ -110,9 +110,9 @@ def plain_loop(paths: Sequence[str], processes: int) -> dict[str, Any]:
     """Images/s of `processes` loop processes (one ONNX Runtime thread each), after every model is loaded."""
     from bulk.model import read_model_bundle
     from bulk.stages import LoadSettings
-    from inference.config import ServiceConfig
+    from inference.config import KernelConfig
 
-    config = ServiceConfig.from_env()
+    config = KernelConfig.from_env()
     bundle = read_model_bundle("room_classifier:latest")
     settings = LoadSettings.from_config(config, bundle.info, Path("/"))
     shards = [list(paths[i::processes]) for i in range(processes)]

@@ -21,9 +21,9 @@ import pytest
 import requests
 from PIL import Image
 
-from inference.config import ServiceConfig
 from inference.decode import decode_image
 from inference.model import OnnxClassifier
+from serving.config import ServiceConfig
 from testkit.image_host import ImageHost
 from testkit.images import encode, noisy_image, solid_jpeg
 from testkit.model_home import TinyModel
@@ -190,7 +190,7 @@ def test_batches_larger_than_one_form_under_concurrent_load(server: BentoServer,
         if requests.get(server.url + "/health", timeout=10).json()["batching"]["largest_batch"] > 1:
             break
     after = batch_histogram(server)
-    # the service's histogram of images per model run (rc_batch_size, see inference/stages.py)
+    # the service's histogram of images per model run (rc_batch_size, see serving/metrics.py)
     batches = after["count"] - before["count"]
     singles = after["le_1"] - before["le_1"]
     assert batches < requests_sent and singles < batches, (before, after)
