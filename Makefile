@@ -104,7 +104,7 @@ bulk: setup
 	$(PY) -m bulk $(SOURCE) --out $(RESULTS) $(BULK_ARGS)
 
 bench-bulk: setup
-	$(PY) -m bulk.benchmark --json $(OUT)/bench_bulk.json
+	$(PY) -m benchmarks.bulk --json $(OUT)/bench_bulk.json
 
 benchmark-data: setup
 	$(PY) -m data_prep.benchmark

@@ -13,7 +13,7 @@ from inference.model import ModelInfo, OnnxClassifier
 from inference.postprocess import postprocess, softmax
 from inference.preprocess import Preprocessing, preprocess_batch
 from serving.config import ServiceConfig
-from tests.tiny_model import TINY_BIAS, TINY_LABELS, TINY_WEIGHTS, build_tiny_onnx, tiny_metadata
+from testkit.tiny_model import TINY_BIAS, TINY_LABELS, TINY_WEIGHTS, build_tiny_onnx, tiny_metadata
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Benchmark: images/s of a bulk job against a plain loop and the HTTP service, and the job's memory as it grows.
 
-    python -m bulk.benchmark [--photos 2000] [--repeat 10] [--model-home DIR | --tiny-model] [--json FILE]
+    python -m benchmarks.bulk [--photos 2000] [--repeat 10] [--model-home DIR | --tiny-model] [--json FILE]
 
 On the same real photos (`--photos` from the shared data's extra/*/<class>/, read in place), same model, same
 machine, one measurement at a time:
