@@ -112,8 +112,10 @@ benchmark-data: setup
 test: setup
 	ROOM_REQUIRE_BROWSER=1 ROOM_REQUIRE_HELM=1 $(PY) -m pytest
 
+# ruff, then the import contracts in pyproject.toml ([tool.importlinter]: the kernel never imports the server, ...)
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 test-e2e: setup
 	$(PY) -m pytest -m e2e
