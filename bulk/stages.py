@@ -6,8 +6,8 @@
 - `Classify` (a pool of Ray actors): model inputs -> logits (`OnnxClassifier.logits`) -> result rows
   (`to_results`, i.e. `inference.postprocess.postprocess`).
 
-Limits, URL allow-list, timeouts and threshold come from `inference.config.ServiceConfig` (`LoadSettings.
-from_config`), the service's own declaration. Nothing here imports bentoml.
+Limits, URL allow-list, timeouts and threshold come from `inference.config.KernelConfig` (`LoadSettings.
+from_config`), the kernel settings the service extends. Nothing here imports bentoml.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from inference.config import ServiceConfig
+from inference.config import KernelConfig
 from inference.decode import ImageLimits
 from inference.errors import ErrorCode, InputError, ServiceError
 from inference.fetch import UrlPolicy, fetch_url
@@ -46,7 +46,7 @@ class LoadSettings:
     base_dir: str  # relative paths of a list file are read from here
 
     @classmethod
-    def from_config(cls, config: ServiceConfig, info: ModelInfo, base_dir: Path) -> "LoadSettings":
+    def from_config(cls, config: KernelConfig, info: ModelInfo, base_dir: Path) -> "LoadSettings":
         return cls(preprocessing=info.preprocessing, limits=config.image_limits(), url_policy=config.url_policy(),
                    url_fetch=config.url_fetch, jpeg_draft=config.jpeg_draft, base_dir=str(base_dir))
 
