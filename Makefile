@@ -65,7 +65,7 @@ compare: setup
 
 bento: $(BENTO)
 
-$(BENTO): $(REGISTERED) service.py bentofile.yaml $(wildcard inference/*.py inference/static/*) | $(VENV)/.installed
+$(BENTO): $(REGISTERED) service.py bentofile.yaml $(wildcard inference/*.py serving/*.py serving/static/*) | $(VENV)/.installed
 	$(VENV)/bin/bentoml build
 	touch $@
 
@@ -104,7 +104,7 @@ bulk: setup
 	$(PY) -m bulk $(SOURCE) --out $(RESULTS) $(BULK_ARGS)
 
 bench-bulk: setup
-	$(PY) -m bulk.benchmark --json $(OUT)/bench_bulk.json
+	$(PY) -m benchmarks.bulk --json $(OUT)/bench_bulk.json
 
 benchmark-data: setup
 	$(PY) -m data_prep.benchmark
@@ -112,8 +112,10 @@ benchmark-data: setup
 test: setup
 	ROOM_REQUIRE_BROWSER=1 ROOM_REQUIRE_HELM=1 $(PY) -m pytest
 
+# ruff, then the import contracts in pyproject.toml ([tool.importlinter]: the kernel never imports the server, ...)
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 test-e2e: setup
 	$(PY) -m pytest -m e2e

@@ -4,13 +4,13 @@ room, or none of them (`other`, with a model trained on a fifth label).
 `RoomClassifier` takes image URLs and uploads, fetches/decodes/validates/resizes each image on its own
 (`inference/`), so one bad image never fails a batch, and answers with softmax probabilities. The ONNX
 Runtime session lives in the same process: concurrent requests are merged into one ONNX call by
-`inference.batching.GreedyBatcher` (adaptive batching that never holds a request back while the model is
+`serving.batching.GreedyBatcher` (adaptive batching that never holds a request back while the model is
 idle), with no hop to a second process (README, "Serving speed", says what that hop cost). Scale out with
 RC_WORKERS (one model session per worker process). Also serves `GET /health`, the web page at `GET /` and
-Swagger UI at `GET /docs` (`inference/web.py`).
+Swagger UI at `GET /docs` (`serving/web.py`).
 
-Everything is configured by `RC_*` environment variables, listed in `inference/config.py`. With
-RC_API_KEYS_FILE set, the classify routes need an API key with quota left (`inference/api_keys.py`).
+Everything is configured by `RC_*` environment variables, listed in `serving/config.py`. With
+RC_API_KEYS_FILE set, the classify routes need an API key with quota left (`serving/api_keys.py`).
 Run: `bentoml serve service:RoomClassifier` (add `--port 3000`).
 """
 
@@ -31,23 +31,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from inference import stages
-from inference.api_keys import ApiKeys, pay_for_batch
-from inference.batching import GreedyBatcher, QueueTimeout
-from inference.config import ServiceConfig
 from inference.errors import ErrorCode, InputError, ServiceError, service_error_response
 from inference.fetch import fetch_url
-from inference.http_guards import (
+from inference.model import ModelInfo, OnnxClassifier
+from inference.postprocess import OTHER_LABEL, Prediction, explained_labels, heatmap_grid, postprocess
+from inference.preprocess import PhotoView, bytes_to_pixels, bytes_to_pixels_and_view
+from serving import metrics
+from serving.api_keys import ApiKeys, pay_for_batch
+from serving.batching import GreedyBatcher, QueueTimeout
+from serving.config import ServiceConfig
+from serving.http_guards import (
     ApiKeyMiddleware,
     ErrorEnvelopeMiddleware,
     LoadSheddingMiddleware,
     RequestGuardMiddleware,
     RequestTimeoutMiddleware,
 )
-from inference.model import ModelInfo, OnnxClassifier
-from inference.postprocess import OTHER_LABEL, Prediction, explained_labels, heatmap_grid, postprocess
-from inference.preprocess import PhotoView, bytes_to_pixels, bytes_to_pixels_and_view
-from inference.web import web_routes
+from serving.web import web_routes
 
 logger = logging.getLogger("bentoml.service.room_classifier")
 
@@ -228,9 +228,9 @@ class RoomClassifier:
             self.load_error = f"model {CONFIG.model_tag} cannot be served: {exc}"
             logger.error("MODEL NOT LOADED, the service stays not ready (/readyz 503): %s", self.load_error)
             return
-        # Adaptive batching in this process: no hop to another one (see inference/batching.py)
+        # Adaptive batching in this process: no hop to another one (see serving/batching.py)
         self.batcher = GreedyBatcher(self.run_batch, max_batch_size=CONFIG.max_batch_size,
-                                     max_wait_s=CONFIG.max_latency_ms / 1000.0, observe=stages.observe)
+                                     max_wait_s=CONFIG.max_latency_ms / 1000.0, observe=metrics.observe)
         info = self.classifier.info
         logger.info("model %s loaded (%s, labels %s, %d ONNX Runtime threads)",
                     info.tag, info.architecture, list(info.labels), CONFIG.ort_threads)
@@ -259,7 +259,7 @@ class RoomClassifier:
         (e.g. missing_image, not_an_image, image_too_many_pixels, url_host_not_allowed, fetch_timeout).
         """
         try:
-            with stages.timed("handler"):
+            with metrics.timed("handler"):
                 info = await self.require_model(explain)
                 item = single_input(image_url, image)
                 pixels, view = await self.load_input(item, info, explain)
@@ -288,7 +288,7 @@ class RoomClassifier:
         RC_MAX_IMAGES_PER_REQUEST, a malformed body.
         """
         try:
-            with stages.timed("handler"):
+            with metrics.timed("handler"):
                 info = await self.require_model(explain)
                 items = batch_inputs(image_urls, images)
                 pay_for_batch(len(items))  # with API keys on: one image per image
@@ -336,13 +336,13 @@ class RoomClassifier:
             if not CONFIG.url_fetch:
                 raise InputError(ErrorCode.URL_FETCH_DISABLED, "this server accepts uploads only (RC_URL_FETCH=false)")
             # abandon_on_cancel: a request timeout answers at once; the thread ends by the fetch deadline
-            with stages.timed("fetch"):
+            with metrics.timed("fetch"):
                 data: bytes | Path = await anyio.to_thread.run_sync(
                     fetch_url, item.url, self.url_policy, limiter=self.fetch_limiter, abandon_on_cancel=True)
         else:
             assert item.path is not None
             data = item.path
-        with stages.timed("decode"):
+        with metrics.timed("decode"):
             return await anyio.to_thread.run_sync(self.decode_to_pixels, data, info, explain,
                                                   limiter=self.decode_limiter)
 
@@ -359,7 +359,7 @@ class RoomClassifier:
     async def predict(self, pixels: np.ndarray, info: ModelInfo,
                       options: AnswerOptions) -> tuple[list[Prediction], np.ndarray | None]:
         """Predictions for uint8 pixels, and with `options.explain` the activation maps [N, labels, h, w]."""
-        with stages.timed("model_call"):
+        with metrics.timed("model_call"):
             logits, maps = await self.run_model(pixels, options.explain)
         return postprocess(logits, info.labels, info.temperature, options.top_k, options.threshold,
                            options.leave_out), maps
@@ -380,7 +380,7 @@ class RoomClassifier:
 
     def run_batch(self, pixels: np.ndarray, explain: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """One ONNX Runtime call on a batch (in the batcher's thread); the maps only when a call asked."""
-        stages.observe_batch_size(len(pixels))
+        metrics.observe_batch_size(len(pixels))
         if explain:
             return self.classifier.logits_and_maps_for_pixels(pixels)  # type: ignore[union-attr]
         return self.classifier.logits_for_pixels(pixels)  # type: ignore[union-attr]

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from inference.config import ServiceConfig
+from inference.config import KernelConfig
 from inference.model import OnnxClassifier
 from inference.postprocess import explained_labels, heatmap_grid, postprocess
 from inference.preprocess import Preprocessing, bytes_to_pixels, bytes_to_pixels_and_view
@@ -49,7 +49,7 @@ def file_classifier(path: Path) -> OnnxClassifier:
     return OnnxClassifier.from_files(path, metadata, tag=str(path), intra_op_threads=1)
 
 
-def time_off(classifier: OnnxClassifier, blob: bytes, config: ServiceConfig) -> tuple[float, float]:
+def time_off(classifier: OnnxClassifier, blob: bytes, config: KernelConfig) -> tuple[float, float]:
     """(model call, whole chain) seconds for one image without explain."""
     info = classifier.info
     started = time.perf_counter()
@@ -61,7 +61,7 @@ def time_off(classifier: OnnxClassifier, blob: bytes, config: ServiceConfig) -> 
     return model_s, time.perf_counter() - started
 
 
-def time_on(classifier: OnnxClassifier, blob: bytes, config: ServiceConfig) -> tuple[float, float]:
+def time_on(classifier: OnnxClassifier, blob: bytes, config: KernelConfig) -> tuple[float, float]:
     """(model call, whole chain) seconds for one image with explain (two maps: threshold 1 makes it unsure)."""
     info = classifier.info
     started = time.perf_counter()
@@ -76,7 +76,7 @@ def time_on(classifier: OnnxClassifier, blob: bytes, config: ServiceConfig) -> t
 
 
 def measure(classifier: OnnxClassifier, blobs: Sequence[bytes], rounds: int) -> dict[str, float]:
-    config = ServiceConfig.from_env({})
+    config = KernelConfig.from_env({})
     times: dict[str, list[float]] = {"off_model": [], "on_model": [], "off_total": [], "on_total": []}
     for blob in blobs[:4]:  # warm-up
         time_off(classifier, blob, config)
@@ -96,7 +96,7 @@ def measure(classifier: OnnxClassifier, blobs: Sequence[bytes], rounds: int) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=ServiceConfig.from_env().model_tag, help="model-store tag")
+    parser.add_argument("--model", default=KernelConfig.from_env().model_tag, help="model-store tag")
     parser.add_argument("--onnx", action="append", help="an ONNX file with activation maps (repeatable)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder (real photos)")
     parser.add_argument("--photos", type=int, default=32)

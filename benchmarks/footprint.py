@@ -116,7 +116,7 @@ def largest_images(server: BentoServer, workdir: Path, clients: int, seconds: fl
     import bentoml
     from PIL import Image
 
-    from inference.config import ServiceConfig
+    from serving.config import ServiceConfig
 
     side = int(ServiceConfig().max_pixels ** 0.5)
     path = workdir / "largest.png"

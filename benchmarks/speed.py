@@ -71,10 +71,10 @@ def bare_pipeline(model_tag: str, ort_threads: int):
     """The service's per-image steps, in-process: bytes -> pixels -> logits -> prediction."""
     import bentoml
 
-    from inference.config import ServiceConfig
     from inference.model import OnnxClassifier
     from inference.postprocess import postprocess
     from inference.preprocess import bytes_to_pixels
+    from serving.config import ServiceConfig
 
     config = ServiceConfig.from_env({})
     classifier = OnnxClassifier.from_bento_model(bentoml.models.get(model_tag), intra_op_threads=ort_threads)

@@ -33,7 +33,7 @@ from bulk.model import ModelBundle, read_model_bundle
 from bulk.results import JobSpec, PartWriter, WorkDir, consolidate
 from bulk.sources import base_dir, write_input_list
 from bulk.stages import Classify, LoadSettings, blank_model_input, load_batch, result_schema
-from inference.config import ServiceConfig
+from inference.config import KernelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PACKAGES = ("bulk", "inference")  # what remote workers import, sent along by Ray (py_modules)
@@ -93,7 +93,7 @@ def output_format(options: JobOptions) -> str:
 def run_job(options: JobOptions) -> dict[str, Any]:
     """Run (or resume) the job to the end; return the summary. Raises on bad arguments, never on bad inputs."""
     started = time.monotonic()
-    config = ServiceConfig.from_env()
+    config = KernelConfig.from_env()
     bundle = read_model_bundle(options.model or config.model_tag)
     info = bundle.info
     fmt = output_format(options)

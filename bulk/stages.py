@@ -10,8 +10,8 @@ With `explain` (`--explain`) the load step also records where the model's view l
 actors fetch the class-activation maps: each row gets `heatmap`, the top class's grid as the API gives it (a
 list of rows), and `heatmap_crop_box`, the part of the photo it covers ([left, top, right, bottom] pixels).
 
-Limits, URL allow-list, timeouts and threshold come from `inference.config.ServiceConfig` (`LoadSettings.
-from_config`), the service's own declaration. Nothing here imports bentoml.
+Limits, URL allow-list, timeouts and threshold come from `inference.config.KernelConfig` (`LoadSettings.
+from_config`), the kernel settings the service extends. Nothing here imports bentoml.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from inference.config import ServiceConfig
+from inference.config import KernelConfig
 from inference.decode import ImageLimits
 from inference.errors import ErrorCode, InputError, ServiceError
 from inference.fetch import UrlPolicy, fetch_url
@@ -51,7 +51,7 @@ class LoadSettings:
     explain: bool = False  # also record each photo's crop box (for the heatmaps)
 
     @classmethod
-    def from_config(cls, config: ServiceConfig, info: ModelInfo, base_dir: Path,
+    def from_config(cls, config: KernelConfig, info: ModelInfo, base_dir: Path,
                     explain: bool = False) -> "LoadSettings":
         return cls(preprocessing=info.preprocessing, limits=config.image_limits(), url_policy=config.url_policy(),
                    url_fetch=config.url_fetch, jpeg_draft=config.jpeg_draft, base_dir=str(base_dir), explain=explain)

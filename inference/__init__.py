@@ -1,4 +1,4 @@
-"""Serving-time code shared by the service and by training's evaluation of the exported model.
+"""The model kernel: what the service (serving/), bulk jobs (bulk/) and training's evaluation share.
 
 Nothing in this package imports torch: the service image holds ONNX Runtime, not the training stack.
 
@@ -8,6 +8,7 @@ Nothing in this package imports torch: the service image holds ONNX Runtime, not
 - `postprocess`: `softmax(logits, temperature)` and per-image `Prediction`s.
 - `fetch`: SSRF-safe image download (`fetch_url`, `vet_url`, `UrlPolicy`).
 - `errors`: `InputError`/`ServiceError` with stable codes, and their HTTP statuses.
-- `config`: the service's `RC_*` settings (`ServiceConfig`).
-- `http_guards`: ASGI middlewares (error envelope, load shedding, request body guard).
+- `config`: the kernel's `RC_*` settings (`KernelConfig`: model tag, decoder limits, URL policy, threshold).
+
+It never imports serving/, training/, bulk/ or service.py (an import-linter contract in pyproject.toml).
 """

@@ -21,7 +21,7 @@ resizing (resizing the short side of a 1x10000 strip to 256 would otherwise allo
 
 Every refusal is an `inference.errors.InputError` with a stable code. The limits have no defaults here: they
 are settings (RC_MAX_IMAGE_BYTES, RC_MAX_PIXELS, RC_IMAGE_FORMATS), declared once in `inference.config`, whose
-`ServiceConfig.image_limits()` builds an `ImageLimits`.
+`KernelConfig.image_limits()` builds an `ImageLimits`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ _OTHER_IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """What `decode_image` accepts: `inference.config.ServiceConfig.image_limits()` builds it from the settings."""
+    """What `decode_image` accepts: `inference.config.KernelConfig.image_limits()` builds it from the settings."""
 
     max_bytes: int
     max_pixels: int

@@ -24,7 +24,7 @@
 `UrlPolicy.allow_hosts`/`allow_networks` hold trusted host names (exact match) and networks (CIDR) for private
 deployments; a trusted host or network skips the address check, nothing else. They are empty unless given.
 The timeouts and limits have no defaults here: they are settings (RC_FETCH_*, RC_MAX_IMAGE_BYTES), declared
-once in `inference.config`, whose `ServiceConfig.url_policy()` builds a `UrlPolicy`.
+once in `inference.config`, whose `KernelConfig.url_policy()` builds a `UrlPolicy`.
 `vet_url` takes a `resolver` argument so the address rules can be tested without DNS.
 """
 

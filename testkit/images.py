@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,23 @@ def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
 
 def solid_jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (640, 480)) -> bytes:
     return encode(Image.new("RGB", size, colour), "JPEG", quality=92)
+
+
+def write_solid_jpegs(folder: Path, colours: Mapping[str, tuple[int, int, int]]) -> dict[str, Path]:
+    """One plain-colour JPEG per name under `folder` (`red` -> folder/red.jpg): what the tiny model tells apart."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {name: folder / f"{name}.jpg" for name in colours}
+    for name, colour in colours.items():
+        files[name].write_bytes(solid_jpeg(colour))
+    return files
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    return encode(image, "JPEG", quality=quality)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    return encode(image, "PNG")
 
 
 def truncated(data: bytes, keep: float = 0.6) -> bytes:

@@ -26,7 +26,7 @@ MODEL_NAME = "room_classifier"
 
 @dataclass(frozen=True)
 class TinyModel:
-    """The tiny but real ONNX test model (tests/tiny_model.py) as registered in `home`."""
+    """The tiny but real ONNX test model (testkit/tiny_model.py) as registered in `home`."""
 
     home: Path
     tag: str
@@ -48,7 +48,7 @@ def register_tiny_model_in(home: Path | str, with_other: bool = False, explainab
     """Save the tiny test model into `home` (from a subprocess: this process's bentoml config is untouched);
     `with_other`: the five-label variant that answers `other` for white images; `explainable`: the variant with
     activation maps."""
-    args = (["-m", "tests.tiny_model", "--json"] + (["--with-other"] if with_other else [])
+    args = (["-m", "testkit.tiny_model", "--json"] + (["--with-other"] if with_other else [])
             + (["--explainable"] if explainable else []))
     data = json.loads(run_with_home(home, args, timeout_s=120).strip().splitlines()[-1])
     return TinyModel(home=Path(home), tag=data["tag"], onnx_path=Path(data["path"]) / "model.onnx",

@@ -5,7 +5,6 @@ with one planted case per decision. Each builder returns what the manifest must 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep import CLASSES
+from testkit.images import jpeg_bytes, png_bytes
 
 FILLERS_PER_CLASS = 10  # ordinary good scenes per class: enough for a 7/2/1 split
 
@@ -21,18 +21,6 @@ def photo(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
     """A distinct 'photo': random coarse colour blocks, smoothly upscaled (stable under re-encoding)."""
     blocks = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
     return Image.fromarray(blocks).resize(size, Image.BICUBIC)
-
-
-def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def write(path: Path, data: bytes | str) -> None:

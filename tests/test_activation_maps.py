@@ -186,7 +186,7 @@ def test_a_photo_in_one_half_of_a_canvas_puts_the_map_on_that_half(exported: dic
 
 
 def test_a_network_without_a_feature_map_has_no_maps(tmp_path: Path) -> None:
-    from tests.tiny_model import build_tiny_onnx
+    from testkit.tiny_model import build_tiny_onnx
     from training.activation_maps import NoActivationMaps
 
     with pytest.raises(NoActivationMaps):

@@ -494,7 +494,7 @@ def test_pending_inputs_skip_done_rows(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_two_thousand_real_photos_on_the_cluster_match_the_offline_model(ray_cluster: Any, tiny_model: TinyModel,
                                                                           tmp_path: Path) -> None:
-    from inference.config import ServiceConfig
+    from inference.config import KernelConfig
     from inference.decode import decode_image
     from inference.model import OnnxClassifier
     from testkit.photos import DEFAULT_DATA, find_room_photos
@@ -507,7 +507,7 @@ def test_two_thousand_real_photos_on_the_cluster_match_the_offline_model(ray_clu
     rows = read_results(out)
     assert summary["ok"] == len(photos) and [row["input"] for row in rows] == photos
     offline = OnnxClassifier.from_files(tiny_model.onnx_path, tiny_model.metadata, tag=tiny_model.tag)
-    settings = ServiceConfig.from_env(RC_SETTINGS)  # what the job read
+    settings = KernelConfig.from_env(RC_SETTINGS)  # what the job read
     limits = settings.image_limits()
     for row in rows[::40]:  # 50 spread over the run, through the offline reference path
         image = decode_image(Path(row["input"]).read_bytes(), limits, min_size=offline.info.preprocessing.resize_size)

@@ -89,10 +89,10 @@ def test_bentofile_packs_exactly_the_serving_dependencies():
 def test_bentofile_includes_only_serving_code():
     included = included_by_bentofile(repo_files())
     assert "service.py" in included
-    assert "inference/preprocess.py" in included
-    assert {"inference/static/index.html", "inference/static/app.js", "inference/static/style.css"} <= included
-    assert all(path == "service.py" or (path.startswith("inference/") and path.endswith(".py"))
-               or path.startswith("inference/static/") for path in included), sorted(included)
+    assert {"inference/preprocess.py", "serving/config.py", "serving/http_guards.py"} <= included
+    assert {"serving/static/index.html", "serving/static/app.js", "serving/static/style.css"} <= included
+    assert all(path == "service.py" or (path.startswith(("inference/", "serving/")) and path.endswith(".py"))
+               or path.startswith("serving/static/") for path in included), sorted(included)
 
 
 def test_bentofile_leaves_out_data_venv_tests_training_and_build_output():
@@ -100,7 +100,7 @@ def test_bentofile_leaves_out_data_venv_tests_training_and_build_output():
                   "tests/inference/fixture.py", "training/export.py", "data_prep/service.py",
                   "artifacts/model.onnx", "artifacts/dataset/train/kitchen/a.jpg", "inference/__pycache__/x.pyc",
                   "benchmarks/speed.py", "testkit/server.py", "bentoml_home/models/room_classifier/x/model.onnx",
-                  "inference/model.onnx", "inference/notes.md", "inference/static/__pycache__/x.pyc"]
+                  "inference/model.onnx", "inference/notes.md", "serving/static/__pycache__/x.pyc"]
     assert included_by_bentofile(lookalikes) == set()
 
 
@@ -255,8 +255,8 @@ def test_image_packs_serving_code_only_and_no_torch(image):
     result = run(["podman", "run", "--rm", "--entrypoint", "/app/.venv/bin/python", image[0], "-c", code])
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["torch"] is False and found["onnxruntime"] is True
-    assert set(found["src"]) <= {"service.py", "inference", "bentofile.yaml", "wheels"}, found["src"]
-    assert "service.py" in found["src"] and "inference" in found["src"]
+    assert set(found["src"]) <= {"service.py", "inference", "serving", "bentofile.yaml", "wheels"}, found["src"]
+    assert {"service.py", "inference", "serving"} <= set(found["src"])
 
 
 @pytest.mark.e2e
@@ -377,7 +377,7 @@ def test_the_pod_serves_its_probes_under_the_chart_limits(image, chart_pod, phot
 @pytest.mark.parametrize("cpus", [None, 1.0], ids=["chart-limit", "one-cpu"])
 def test_threads_follow_the_cpu_limit(image, chart_pod, cpus):
     """RC_ORT_THREADS and RC_DECODE_THREADS are left unset by the chart: their defaults come from the CPU limit
-    (inference.config.available_cores reads the cgroup quota), never from the host's core count."""
+    (serving.config.available_cores reads the cgroup quota), never from the host's core count."""
     import math
 
     import requests

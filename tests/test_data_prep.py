@@ -18,7 +18,8 @@ from data_prep.__main__ import main
 from data_prep.dedup import UnionFind, group_near_duplicates, resolve_duplicates
 from data_prep.manifest import COLUMNS, read_manifest
 from data_prep.sources import Candidate, assign_output_names, scan_sunrgbd
-from tests.data_prep_fixtures import add_scene, build_fixture, jpeg_bytes, photo, tree_digest, tree_state
+from testkit.images import jpeg_bytes
+from tests.data_prep_fixtures import add_scene, build_fixture, photo, tree_digest, tree_state
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from inference.config import ServiceConfig
+from serving.config import ServiceConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "deploy" / "helm" / "room-classifier"

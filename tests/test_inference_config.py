@@ -1,4 +1,5 @@
-"""The RC_* declaration (inference/config.py): how variables are read, and the docs generated from it."""
+"""The RC_* declarations (the kernel's in inference/config.py, the service's in serving/config.py): how variables
+are read, and the docs generated from them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from inference.config import ServiceConfig, settings_table
+from inference.config import KernelConfig
+from serving.config import ServiceConfig, settings_table
 
 REPO = Path(__file__).resolve().parents[1]
 README_BEGIN = "<!-- rc-settings:begin"
@@ -26,12 +28,12 @@ def readme_settings_block() -> str:
 
 def test_readme_table_is_the_generated_one() -> None:
     assert readme_settings_block() == settings_table(), (
-        "README.md's RC_* table differs from inference/config.py: paste the output of `python -m inference.config` "
+        "README.md's RC_* table differs from serving/config.py: paste the output of `python -m serving.config` "
         "between the rc-settings markers")
 
 
 def test_module_prints_the_table() -> None:
-    out = subprocess.run([sys.executable, "-m", "inference.config"], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "serving.config"], cwd=REPO, capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout == settings_table()
 
@@ -52,6 +54,21 @@ def test_the_constructor_is_the_defaults_and_from_env_reads_the_environment(monk
     assert (ServiceConfig().workers, ServiceConfig().image_formats) == (1, ("JPEG", "PNG", "WEBP", "GIF"))
     assert (ServiceConfig.from_env().workers, ServiceConfig.from_env().image_formats) == (5, ("JPEG",))
     assert ServiceConfig.from_env({}).workers == 1  # a given mapping is all that is read
+
+
+def test_the_kernel_settings_are_the_services_with_the_same_defaults() -> None:
+    """Training and bulk read KernelConfig, the service ServiceConfig: one declaration, so they cannot drift."""
+    kernel, service = KernelConfig(), ServiceConfig()
+    assert set(KernelConfig.model_fields) < set(ServiceConfig.model_fields)
+    assert all(getattr(kernel, name) == getattr(service, name) for name in KernelConfig.model_fields)
+    assert (kernel.image_limits(), kernel.url_policy()) == (service.image_limits(), service.url_policy())
+
+
+def test_the_kernel_reads_its_own_variables_and_leaves_the_servers_alone() -> None:
+    config = KernelConfig.from_env({"RC_MAX_PIXELS": "500", "RC_WORKERS": "0", "RC_MAX_BATCH_SIZE": "oops"})
+    assert config.max_pixels == 500 and not hasattr(config, "workers")
+    with pytest.raises(ValueError, match=r"RC_MAX_PIXELS='ok'"):
+        KernelConfig.from_env({"RC_MAX_PIXELS": "ok"})
 
 
 @pytest.mark.parametrize("spelling, value", [("1", True), ("yes", True), ("ON", True), ("true", True),
@@ -99,7 +116,7 @@ def write_cgroup(root: Path, files: dict[str, str]) -> Path:
     ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
 ])
 def test_a_cpu_limit_caps_the_cores(tmp_path: Path, files: dict[str, str], cores: int) -> None:
-    from inference.config import available_cores
+    from serving.config import available_cores
 
     assert available_cores(write_cgroup(tmp_path, files)) == min(cores, len(os.sched_getaffinity(0)))
 
@@ -107,7 +124,7 @@ def test_a_cpu_limit_caps_the_cores(tmp_path: Path, files: dict[str, str], cores
 @pytest.mark.parametrize("files", [{}, {"cpu.max": "max 100000\n"}, {"cpu/cpu.cfs_quota_us": "-1\n",
                                                                        "cpu/cpu.cfs_period_us": "100000\n"}])
 def test_no_cpu_limit_leaves_the_affinity(tmp_path: Path, files: dict[str, str]) -> None:
-    from inference.config import available_cores, cgroup_cpu_quota
+    from serving.config import available_cores, cgroup_cpu_quota
 
     assert cgroup_cpu_quota(write_cgroup(tmp_path, files)) is None
     assert available_cores(tmp_path) == len(os.sched_getaffinity(0))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.config import ServiceConfig
+from inference.config import KernelConfig
 from inference.decode import ImageLimits, decode_image, high_bit_depth_to_l
 from inference.errors import InputError, http_status
 from testkit.images import (
@@ -26,7 +26,7 @@ from testkit.images import (
     truncated,
 )
 
-LIMITS = ServiceConfig().image_limits()  # the service's defaults
+LIMITS = KernelConfig().image_limits()  # the service's defaults
 
 
 def refusal(data: bytes, limits: ImageLimits = LIMITS) -> InputError:

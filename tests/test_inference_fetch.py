@@ -14,14 +14,14 @@ from typing import Any, Iterator
 import pytest
 
 from inference import fetch
-from inference.config import ServiceConfig
+from inference.config import KernelConfig
 from inference.errors import InputError
 from inference.fetch import UrlPolicy, blocked_reason, fetch_url, parse_ip_literal, vet_url
 from testkit.image_host import MISBEHAVE_FOR_S, ImageHost, serving_images
 from testkit.images import solid_jpeg
 
 PUBLIC = "93.184.216.34"
-DEFAULT_POLICY = ServiceConfig().url_policy()  # the service's defaults: no allow-list
+DEFAULT_POLICY = KernelConfig().url_policy()  # the service's defaults: no allow-list
 
 
 def resolver_for(table: dict[str, list[str]]):
@@ -91,7 +91,7 @@ def test_malformed_and_foreign_urls(url: str, code: str) -> None:
 
 
 def test_allow_list_trusts_named_hosts_and_networks_only() -> None:
-    policy = ServiceConfig.from_env({"RC_URL_ALLOWLIST": "images.internal, 10.20.0.0/16, "}).url_policy()
+    policy = KernelConfig.from_env({"RC_URL_ALLOWLIST": "images.internal, 10.20.0.0/16, "}).url_policy()
     table = {"images.internal": ["10.9.9.9"], "other.internal": ["10.9.9.9"], "cam.internal": ["10.20.3.4"]}
     assert vet_url("http://images.internal/x.jpg", policy, resolver_for(table)).address == "10.9.9.9"
     assert vet_url("http://cam.internal/x.jpg", policy, resolver_for(table)).address == "10.20.3.4"

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.config import ServiceConfig
 from inference.errors import ModelLoadError
 from inference.model import ModelInfo, OnnxClassifier
 from inference.postprocess import postprocess, softmax
 from inference.preprocess import Preprocessing, preprocess_batch
-from tests.tiny_model import TINY_BIAS, TINY_LABELS, TINY_WEIGHTS, build_tiny_onnx, tiny_metadata
+from serving.config import ServiceConfig
+from testkit.tiny_model import TINY_BIAS, TINY_LABELS, TINY_WEIGHTS, build_tiny_onnx, tiny_metadata
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,10 @@ from data_prep.common import KNOWN_OTHER_SCENES, OTHER
 from data_prep.manifest import read_manifest
 from data_prep.split import scene_splits
 from inference.postprocess import OTHER_LABEL, postprocess, softmax
-from testkit.images import solid_jpeg
+from testkit.images import jpeg_bytes, write_solid_jpegs
 from testkit.model_home import register_tiny_model_in
 from testkit.server import serve_model_home
-from tests.data_prep_fixtures import build_fixture, jpeg_bytes, photo, write
+from tests.data_prep_fixtures import build_fixture, photo, write
 from training.data import RandomLowResolution, Sample
 from training.openset import (
     ROOMS_AS_OTHER_MAX,
@@ -216,12 +216,7 @@ def other_server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("colours")
-    files = {}
-    for name, colour in {"white": (255, 255, 255), "red": (255, 0, 0)}.items():
-        files[name] = folder / f"{name}.jpg"
-        files[name].write_bytes(solid_jpeg(colour))
-    return files
+    return write_solid_jpegs(tmp_path_factory.mktemp("colours"), {"white": (255, 255, 255), "red": (255, 0, 0)})
 
 
 def test_the_service_answers_other_and_rooms_only_through_the_generated_client(other_server, photos) -> None:

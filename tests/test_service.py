@@ -21,11 +21,11 @@ import pytest
 import requests
 from PIL import Image
 
-from inference.config import ServiceConfig
 from inference.decode import decode_image
 from inference.model import OnnxClassifier
+from serving.config import ServiceConfig
 from testkit.image_host import ImageHost
-from testkit.images import encode, noisy_image, solid_jpeg
+from testkit.images import encode, noisy_image, solid_jpeg, write_solid_jpegs
 from testkit.model_home import TinyModel
 from testkit.photos import real_photos
 from testkit.server import REPO_ROOT, BentoServer
@@ -50,10 +50,7 @@ def offline(tiny_model: TinyModel) -> OnnxClassifier:
 def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Plain-colour JPEGs (one per class of the tiny model) plus a few real room photos, as files."""
     folder = tmp_path_factory.mktemp("photos")
-    files = {}
-    for name, colour in COLOURS.items():
-        files[name] = folder / f"{name}.jpg"
-        files[name].write_bytes(solid_jpeg(colour))
+    files = write_solid_jpegs(folder, COLOURS)
     for photo in real_photos(per_class=1):
         files[photo.stem] = photo
     files["large"] = folder / "large.jpg"  # decoded at reduced scale by the service (RC_JPEG_DRAFT)
@@ -190,7 +187,7 @@ def test_batches_larger_than_one_form_under_concurrent_load(server: BentoServer,
         if requests.get(server.url + "/health", timeout=10).json()["batching"]["largest_batch"] > 1:
             break
     after = batch_histogram(server)
-    # the service's histogram of images per model run (rc_batch_size, see inference/stages.py)
+    # the service's histogram of images per model run (rc_batch_size, see serving/metrics.py)
     batches = after["count"] - before["count"]
     singles = after["le_1"] - before["le_1"]
     assert batches < requests_sent and singles < batches, (before, after)

@@ -1,6 +1,6 @@
 """API keys on a real `bentoml serve` (RC_API_KEYS_FILE), through BentoML's generated client and plain HTTP.
 
-Keys are made and revoked with the real command (`python -m inference.api_keys`), which writes only their
+Keys are made and revoked with the real command (`python -m serving.api_keys`), which writes only their
 hashes. Covered: open probes, no key / wrong key / revoked key (the file edited while the server runs), a
 batch charged per image, the daily quota, one key flooding at 10x its rate while another's requests all
 succeed, unknown vs near-miss keys taking the same time, per-key metrics, and no key in the server log.
@@ -25,7 +25,7 @@ import bentoml
 import pytest
 import requests
 
-from inference.api_keys import KEY_PREFIX, hash_key, make_key
+from serving.api_keys import KEY_PREFIX, hash_key, make_key
 from testkit.images import encode, noisy_image
 from testkit.model_home import TinyModel
 from testkit.server import REPO_ROOT, BentoServer, serve_model_home
@@ -45,7 +45,7 @@ TIMING_TRIES = 200
 
 
 def keys_command(*args: str, keys_file: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "inference.api_keys", *args, "--file", str(keys_file)],
+    return subprocess.run([sys.executable, "-m", "serving.api_keys", *args, "--file", str(keys_file)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True)
 
 

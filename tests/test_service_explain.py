@@ -2,7 +2,7 @@
 pixels of the photo, the second class's map when uncertain, unchanged answers without explain, the OpenAPI
 schema, and a clear error code from a model that cannot explain.
 
-The explainable server runs the tiny model's variant with activation maps (tests/tiny_model.py): its bedroom
+The explainable server runs the tiny model's variant with activation maps (testkit/tiny_model.py): its bedroom
 map is a 7x7 grid of how red each 32x32 cell of the model's view is, so where the map is hot is known exactly.
 The plain tiny model (conftest's `server`) has no feature map: the model without the output.
 """
@@ -19,7 +19,7 @@ import pytest
 import requests
 from PIL import Image
 
-from inference.config import ServiceConfig
+from inference.config import KernelConfig
 from inference.preprocess import Preprocessing, bytes_to_pixels, bytes_to_pixels_and_view, crop_box
 from testkit.images import encode, solid_jpeg
 from testkit.model_home import TinyModel, register_tiny_model_in
@@ -79,7 +79,7 @@ def test_the_view_is_measured_on_the_photo_as_displayed_at_full_scale(orientatio
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = encode(Image.new("RGB", (1600, 1200), (90, 120, 150)), "JPEG", exif=exif.tobytes(), quality=90)
-    limits = ServiceConfig.from_env({}).image_limits()
+    limits = KernelConfig.from_env({}).image_limits()
     pixels, view = bytes_to_pixels_and_view(data, Preprocessing(), limits, jpeg_draft=draft)
     assert np.array_equal(pixels, bytes_to_pixels(data, Preprocessing(), limits, jpeg_draft=draft))
     shown = (1600, 1200) if orientation == 1 else (1200, 1600)

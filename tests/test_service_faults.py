@@ -24,7 +24,7 @@ REGISTER_CORRUPT = """
 import sys
 from pathlib import Path
 from training.register import save_to_model_store
-from tests.tiny_model import tiny_metadata
+from testkit.tiny_model import tiny_metadata
 path = Path(sys.argv[1])
 path.write_bytes(b"\\x08\\x07definitely not an onnx graph" * 100)
 print(save_to_model_store(path, tiny_metadata()))

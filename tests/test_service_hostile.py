@@ -21,10 +21,10 @@ import requests
 from PIL import Image
 
 from data_prep.common import CLASSES
-from inference.config import ServiceConfig
 from inference.decode import decode_image
 from inference.errors import ERROR_STATUS
 from inference.model import OnnxClassifier
+from serving.config import ServiceConfig
 from testkit.image_host import ImageHost
 from testkit.images import (
     animated_gif,

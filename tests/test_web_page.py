@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from inference.api_keys import add_key
+from serving.api_keys import add_key
 from testkit.image_host import ImageHost
 from testkit.images import encode, noisy_image, solid_jpeg
 from testkit.model_home import TinyModel
@@ -109,7 +109,7 @@ def relative_luminance(colour: str) -> float:
 
 
 def test_page_colours_have_readable_contrast() -> None:
-    css = (Path(__file__).resolve().parents[1] / "inference" / "static" / "style.css").read_text()
+    css = (Path(__file__).resolve().parents[1] / "serving" / "static" / "style.css").read_text()
     colours = dict(re.findall(r"--([a-z-]+):\s*(#[0-9a-f]{6});", css))
     for text, background in CONTRAST_PAIRS:
         light, dark = sorted((relative_luminance(colours[text]), relative_luminance(colours[background])),

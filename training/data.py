@@ -12,11 +12,11 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from data_prep.common import IMAGE_EXTENSIONS, OTHER
-from inference.config import ServiceConfig
+from inference.config import KernelConfig
 from inference.decode import decode_image
 from inference.preprocess import Preprocessing, preprocess
 
-DECODE_LIMITS = ServiceConfig().image_limits()  # the service's default limits (RC_MAX_PIXELS, ...)
+DECODE_LIMITS = KernelConfig().image_limits()  # the service's default limits (RC_MAX_PIXELS, ...)
 
 
 @dataclass(frozen=True)

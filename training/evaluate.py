@@ -21,7 +21,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data_prep.common import OTHER  # noqa: E402
-from inference.config import ServiceConfig  # noqa: E402
+from inference.config import KernelConfig  # noqa: E402
 from inference.preprocess import Preprocessing, bytes_to_input, preprocess  # noqa: E402
 from training.data import Sample, load_rgb  # noqa: E402
 from training.metrics import calibration_bins, classification_report, fit_temperature, negative_log_likelihood, softmax  # noqa: E402
@@ -35,7 +35,7 @@ from training.openset import (  # noqa: E402
 )
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
-SERVICE_DEFAULTS = ServiceConfig()  # the service's default settings: decoder limits, JPEG draft decoding
+SERVICE_DEFAULTS = KernelConfig()  # the service's default settings: decoder limits, JPEG draft decoding
 
 
 def load_input(sample: Sample, config: Preprocessing) -> np.ndarray:

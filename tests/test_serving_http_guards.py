@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.datastructures import UploadFile
 
-from inference.http_guards import (
+from serving.http_guards import (
     LoadSheddingMiddleware,
     RequestGuardMiddleware,
     RequestTimeoutMiddleware,

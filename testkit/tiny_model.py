@@ -14,9 +14,9 @@ The plain one has no feature map, so it is the model that cannot explain.
 `register_tiny_model()` saves it into whatever BENTOML_HOME the current process uses, through the same
 `training.register.save_to_model_store` that real training uses. From a shell:
 
-    BENTOML_HOME=/tmp/bm python -m tests.tiny_model          # prints the tag
-    BENTOML_HOME=/tmp/bm python -m tests.tiny_model --json   # tag, model directory and metadata
-    BENTOML_HOME=/tmp/bm python -m tests.tiny_model --explainable
+    BENTOML_HOME=/tmp/bm python -m testkit.tiny_model          # prints the tag
+    BENTOML_HOME=/tmp/bm python -m testkit.tiny_model --json   # tag, model directory and metadata
+    BENTOML_HOME=/tmp/bm python -m testkit.tiny_model --explainable
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def build_tiny_onnx(path: Path, with_other: bool = False, explainable: bool = Fa
         outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(weights)])],
         initializer=[numpy_helper.from_array(weights, "weight"), numpy_helper.from_array(bias, "bias")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests.tiny_model")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="testkit.tiny_model")
     model.ir_version = 8
     onnx.checker.check_model(model)
     if explainable:

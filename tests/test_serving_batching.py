@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from inference.batching import GreedyBatcher, QueueTimeout
+from serving.batching import GreedyBatcher, QueueTimeout
 
 
 class SlowModel:

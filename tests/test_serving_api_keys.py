@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from inference.api_keys import (
+from inference.errors import ErrorCode, ServiceError
+from serving.api_keys import (
     CURRENT_ADMISSION,
     ApiKeys,
     KeysFileError,
@@ -23,7 +24,6 @@ from inference.api_keys import (
     read_keys_file,
     revoke_key,
 )
-from inference.errors import ErrorCode, ServiceError
 
 
 class Clock:

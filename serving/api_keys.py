@@ -7,9 +7,9 @@ The keys file is JSON and holds no key, only each key's SHA-256 (a leaked file o
 `rate` is images per second, `burst` how many may come at once (a token bucket; default: the rate, at least
 1), `daily_quota` images per UTC day (optional). A batch of N images costs N. Make and revoke keys with
 
-    python -m inference.api_keys new-key NAME --rate 20 [--burst 40] [--daily-quota 100000] [--file PATH]
-    python -m inference.api_keys revoke-key NAME [--file PATH]
-    python -m inference.api_keys list-keys [--file PATH]
+    python -m serving.api_keys new-key NAME --rate 20 [--burst 40] [--daily-quota 100000] [--file PATH]
+    python -m serving.api_keys revoke-key NAME [--file PATH]
+    python -m serving.api_keys list-keys [--file PATH]
 
 (`--file` defaults to $RC_API_KEYS_FILE). `new-key` prints the key once; only its hash is written.
 
@@ -364,7 +364,7 @@ def keys_file_argument(value: str | None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m inference.api_keys", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m serving.api_keys", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     new = commands.add_parser("new-key", help="make a key, store its hash, print the key once")
     new.add_argument("name")

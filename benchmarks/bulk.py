@@ -1,6 +1,6 @@
 """Benchmark: images/s of a bulk job against a plain loop and the HTTP service, and the job's memory as it grows.
 
-    python -m bulk.benchmark [--photos 2000] [--repeat 10] [--model-home DIR | --tiny-model] [--json FILE]
+    python -m benchmarks.bulk [--photos 2000] [--repeat 10] [--model-home DIR | --tiny-model] [--json FILE]
 
 On the same real photos (`--photos` from the shared data's extra/*/<class>/, read in place), same model, same
 machine, one measurement at a time:
@@ -110,9 +110,9 @@ def plain_loop(paths: Sequence[str], processes: int) -> dict[str, Any]:
     """Images/s of `processes` loop processes (one ONNX Runtime thread each), after every model is loaded."""
     from bulk.model import read_model_bundle
     from bulk.stages import LoadSettings
-    from inference.config import ServiceConfig
+    from inference.config import KernelConfig
 
-    config = ServiceConfig.from_env()
+    config = KernelConfig.from_env()
     bundle = read_model_bundle("room_classifier:latest")
     settings = LoadSettings.from_config(config, bundle.info, Path("/"))
     shards = [list(paths[i::processes]) for i in range(processes)]

@@ -1,7 +1,7 @@
 """The page a person sees at `GET /`, and BentoML's Swagger UI at `GET /docs`, as Starlette routes.
 
 service.py mounts these next to `GET /health` in its small Starlette app. Everything the page needs is a
-file in `inference/static/` (plain HTML, CSS and JS, no framework), served from `/web/`: no CDN, no external
+file in `serving/static/` (plain HTML, CSS and JS, no framework), served from `/web/`: no CDN, no external
 font, so the page works offline and behind a firewall, and bentofile.yaml ships the folder in the bento.
 
 `/docs` reuses the Swagger UI that BentoML ships and serves (`/static_content/*`, `/docs.json`; BentoML 1.4

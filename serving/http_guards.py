@@ -10,7 +10,7 @@ Added to the BentoML service with `add_asgi_middleware`, outermost first:
    service sets it a little longer, as a backstop only.
 3. `ApiKeyMiddleware` (only with RC_API_KEYS_FILE) lets classify requests in with a valid key that has
    quota left, and answers 401/429 otherwise, before the load shedder: a flooding key is refused at the
-   door and never takes a slot from the others (`inference/api_keys.py` holds the keys and quotas).
+   door and never takes a slot from the others (`serving/api_keys.py` holds the keys and quotas).
 4. `LoadSheddingMiddleware` caps classify requests in flight; a few more may wait briefly for a slot,
    and the rest get 429 + Retry-After at once (BentoML's own `max_concurrency` answers 429 without
    Retry-After, in another shape, so the limit lives here).
@@ -35,7 +35,6 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse
 
-from inference.api_keys import CURRENT_ADMISSION, WWW_AUTHENTICATE, ApiKeys, count_request
 from inference.errors import (
     CODE_FOR_STATUS,
     ErrorCode,
@@ -45,6 +44,7 @@ from inference.errors import (
     error_response,
     service_error_response,
 )
+from serving.api_keys import CURRENT_ADMISSION, WWW_AUTHENTICATE, ApiKeys, count_request
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
