@@ -311,7 +311,7 @@ def prepare(model: StemTail, data_root: Path, labels: list[str], recipe: Recipe,
             weights_dir: Path | None = None, soft_target_dir: Path | None = None) -> Prepared:
     """Cache the stem's outputs (and, when the recipe distils, the teacher's logits from the soft-target cache)."""
     from training.distill import audit_flags, centre_scene_logits, load_teacher_for, teacher_room_fn
-    from training.soft_targets import room_logits
+    from training.soft_targets import on_the_labels_side, room_logits
 
     if recipe.kd_teacher_views not in KD_TEACHER_VIEWS:
         raise ValueError(f"kd_teacher_views must be one of {KD_TEACHER_VIEWS}, got {recipe.kd_teacher_views!r}")
@@ -353,6 +353,8 @@ def prepare(model: StemTail, data_root: Path, labels: list[str], recipe: Recipe,
         teacher_logits = centre.unsqueeze(0)
         if augmented is not None:
             teacher_logits = torch.cat([teacher_logits, augmented.float()])
+        teacher_logits = on_the_labels_side(teacher_logits, torch.tensor([s.label for s in train_samples]),
+                                            labels.index(OTHER) if OTHER in labels else None)
     return Prepared(labels, train_samples, val_samples, train_cache, val_cache, teacher_logits, scenes, cost, dropped)
 
 

@@ -160,6 +160,22 @@ def teacher_scene_logits(teacher: Places365Teacher, samples: list[Sample], cache
     return logits, cost
 
 
+LOG_ZERO = float(np.log(1e-12))  # the log-probability of "not this one" in a target
+
+
+def on_the_labels_side(log_probabilities: torch.Tensor, targets: torch.Tensor, other_index: int | None) -> torch.Tensor:
+    """Distillation targets that agree with the label on "room or not": for a room photo the teacher's belief among
+    the rooms (its mass on every other scene removed, since the label says it is a room: a living room that looks
+    a bit like a dining room must not learn `other`), for an `other` photo `other` (its resemblance to a room must
+    not teach a room). [..., N, labels] log-probabilities, `targets` [N]; unchanged without an `other` label."""
+    if other_index is None:
+        return log_probabilities
+    is_other = (targets == other_index)[:, None]
+    column_is_other = torch.arange(log_probabilities.shape[-1]) == other_index
+    keep = torch.where(is_other, column_is_other, ~column_is_other)
+    return torch.where(keep, log_probabilities, torch.full_like(log_probabilities, LOG_ZERO))
+
+
 def room_logits(scene_logits: torch.Tensor | np.ndarray, teacher: Places365Teacher) -> np.ndarray:
     """The teacher's log-probabilities of our classes, in the model's label order (logits for a softmax)."""
     return grouped_log_probabilities(torch.as_tensor(scene_logits), teacher.membership.cpu()).numpy()
