@@ -128,6 +128,17 @@ def test_the_teacher_label_probabilities_are_sums_over_their_scenes() -> None:
     assert torch.allclose(grouped[:, 1], probabilities[:, bedroom].sum(dim=1), atol=1e-6)
 
 
+def test_distillation_targets_keep_to_the_labels_side_of_room_or_other() -> None:
+    from training.soft_targets import on_the_labels_side
+
+    log_probabilities = torch.log(torch.tensor([[[0.5, 0.1, 0.1, 0.1, 0.2],     # a bathroom photo
+                                                 [0.1, 0.1, 0.1, 0.3, 0.4]]]))  # an other photo like a living room
+    targets = on_the_labels_side(log_probabilities, torch.tensor([0, 4]), other_index=4).softmax(dim=-1)[0]
+    assert targets[0, :4] == pytest.approx(torch.tensor([0.625, 0.125, 0.125, 0.125]), abs=1e-6)  # rooms renormalised
+    assert targets[0, 4] < 1e-9 and targets[1, 4] > 1 - 1e-6
+    assert torch.equal(on_the_labels_side(log_probabilities, torch.tensor([0, 3]), None), log_probabilities)
+
+
 def test_low_resolution_augmentation_shrinks_large_photos_only() -> None:
     large, small = Image.new("RGB", (640, 480)), Image.new("RGB", (128, 96))
     assert RandomLowResolution(p=1.0)(large).size == (171, 128)
