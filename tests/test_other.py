@@ -205,6 +205,33 @@ def test_open_set_scores_count_other_as_wrong_on_room_photos() -> None:
     assert scores["other_rate_by_scene"]["yard"]["num_images"] == 40
 
 
+def test_the_evaluation_report_scores_other_per_population_and_scene(other_dataset: Path, tmp_path: Path) -> None:
+    """The exported-model evaluation on a five-label split: a fixed linear map of the mean colour as the model."""
+    from inference.preprocess import Preprocessing
+    from training.data import discover_labels, list_samples
+    from training.evaluate import evaluate, write_report
+    from training.openset import other_scenes_of
+
+    labels = discover_labels(other_dataset)
+    assert labels == LABELS
+    weights = np.random.default_rng(0).standard_normal((3, len(labels))).astype(np.float32)
+    train_scenes = other_scenes_of(list_samples(other_dataset, "train", labels), labels)
+    report = evaluate(lambda batch: batch.mean(axis=(2, 3)) @ weights, list_samples(other_dataset, "val", labels),
+                      list_samples(other_dataset, "test", labels), labels, Preprocessing(), train_scenes)
+    held_out = {split: {row["scene"] for row in read_manifest(other_dataset / "manifest.csv")
+                        if row["class"] == OTHER and row["split"] == split and row["scene"] not in train_scenes}
+                for split in ("val", "test")}
+    for split in ("val", "test"):
+        scores = report["openset"][split]
+        assert set(scores["unseen_scenes"]) == held_out[split] and held_out[split]
+        assert all(0.0 <= rate <= 1.0 for rate in scores["rates"].values())
+    assert 0.0 <= report["openset"]["test_rooms_at_128px"]["rooms_as_other"] <= 1.0
+    assert "ece" in report["calibration"]["val_after"]
+    write_report(report, tmp_path, {"precision": "fp32"})
+    assert "## None of these rooms (`other`)" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "other_rates.png").stat().st_size > 0
+
+
 # ---- serving --------------------------------------------------------------------------------------------
 
 

@@ -17,16 +17,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data_prep.common import OTHER  # noqa: E402
 from inference.config import KernelConfig  # noqa: E402
 from inference.preprocess import Preprocessing, bytes_to_input, preprocess  # noqa: E402
-from training.data import Sample, load_rgb  # noqa: E402
+from training.data import RandomLowResolution, Sample, load_rgb  # noqa: E402
 from training.metrics import calibration_bins, classification_report, fit_temperature, negative_log_likelihood, softmax  # noqa: E402
 from training.openset import (  # noqa: E402
-    LOW_RESOLUTION_CHECK_SIDE,
     openset_markdown,
     openset_scores,
     plot_other_rates,
@@ -44,14 +42,10 @@ def load_input(sample: Sample, config: Preprocessing) -> np.ndarray:
                           SERVICE_DEFAULTS.jpeg_draft)
 
 
-def load_shrunk_input(sample: Sample, config: Preprocessing, side: int = LOW_RESOLUTION_CHECK_SIDE) -> np.ndarray:
-    """The photo shrunk so its shorter side is `side` (as the 128 px MiniPlaces photos), then the service's path:
-    for the shortcut check, "is a small photo called `other` because it is small?"."""
-    image = load_rgb(sample.path)
-    scale = side / min(image.size)
-    if scale < 1:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
-    return preprocess(image, config)
+def load_shrunk_input(sample: Sample, config: Preprocessing) -> np.ndarray:
+    """The photo at the MiniPlaces size (shorter side 128 px), then the service's preprocessing: for the shortcut
+    check "is a small photo called `other` because it is small?"."""
+    return preprocess(RandomLowResolution(p=1.0)(load_rgb(sample.path)), config)
 
 
 def predict_logits(logits_fn: LogitsFn, samples: list[Sample], config: Preprocessing, desc: str,

@@ -31,7 +31,6 @@ from training.data import Sample  # noqa: E402
 from training.metrics import softmax  # noqa: E402
 
 ROOMS_AS_OTHER_MAX = 0.03
-LOW_RESOLUTION_CHECK_SIDE = 128  # the MiniPlaces photos' size: room photos shrunk to it must stay rooms
 BIAS_GRID = np.round(np.arange(-4.0, 4.0001, 0.05), 2)
 POPULATIONS = ("rooms", "known_other", "unseen_other")
 
@@ -150,9 +149,10 @@ def openset_scores(logits: np.ndarray, samples: list[Sample], labels: list[str],
     p_other = softmax(logits, temperature)[:, other_index]
     is_other = targets == other_index
     rooms = ~is_other
+    rates = population_rates(predictions, targets, groups, other_index)
     return {
-        "rates": population_rates(predictions, targets, groups, other_index),
-        "room_accuracy": float(np.mean(predictions[rooms] == targets[rooms])) if rooms.any() else float("nan"),
+        "rates": rates,
+        "room_accuracy": rates.get("rooms", float("nan")),
         "auroc_other": auroc(p_other, is_other),
         "auroc_other_unseen_scenes": auroc(p_other[rooms | (groups == "unseen_other")],
                                            is_other[rooms | (groups == "unseen_other")]),
@@ -192,13 +192,13 @@ def openset_markdown(openset: dict[str, Any]) -> list[str]:
     """The report section: population rates, AUROC, per-source and per-scene tables."""
     lines = ["", "## None of these rooms (`other`)", "",
              "Rooms answered `other` count as wrong. Unseen scene types: held out of training whole by data_prep.",
-             "", "| split | rooms right | rooms answered other | room accuracy | known other -> other "
-             "| unseen scenes -> other | AUROC p(other) | AUROC, unseen scenes |", "|---|---|---|---|---|---|---|---|"]
+             "", "| split | room accuracy | rooms answered other | known other -> other "
+             "| unseen scenes -> other | AUROC p(other) | AUROC, unseen scenes |", "|---|---|---|---|---|---|---|"]
     for split in ("val", "test"):
         scores = openset[split]
         rates = scores["rates"]
-        lines.append(f"| {split} | {rates.get('rooms', float('nan')):.4f} | {rates['rooms_as_other']:.4f} "
-                     f"| {scores['room_accuracy']:.4f} | {rates.get('known_other', float('nan')):.4f} "
+        lines.append(f"| {split} | {scores['room_accuracy']:.4f} | {rates['rooms_as_other']:.4f} "
+                     f"| {rates.get('known_other', float('nan')):.4f} "
                      f"| {rates.get('unseen_other', float('nan')):.4f} | {scores['auroc_other']:.4f} "
                      f"| {scores['auroc_other_unseen_scenes']:.4f} |")
     shrunk = openset.get("test_rooms_at_128px")
