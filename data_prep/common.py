@@ -40,6 +40,12 @@ REASONS: tuple[str, ...] = (
 )
 
 
+def dataset_classes(labels: Iterable[str]) -> tuple[str, ...]:
+    """A dataset's class folders, in training's label order: the four rooms, plus OTHER when an --other tree
+    gave photos (`labels`: the labels of its candidates or manifest rows)."""
+    return CLASSES + ((OTHER,) if OTHER in set(labels) else ())
+
+
 class DataPrepError(Exception):
     """Bad input or output location: the CLI prints the message on one line and exits non-zero."""
 

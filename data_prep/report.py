@@ -17,18 +17,13 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from data_prep.common import CLASSES, OTHER, REASONS, SPLITS, SUNRGBD_SOURCE, Settings, progress
+from data_prep.common import CLASSES, OTHER, REASONS, SPLITS, SUNRGBD_SOURCE, Settings, dataset_classes, progress
 from data_prep.manifest import ManifestRow
 from data_prep.sources import SourceScan
 
 SAMPLES_PER_CLASS = 8
 THUMBNAIL_SIDE = 160
 PNG_METADATA = {"Software": None}  # no library version in the files: same input, same bytes
-
-
-def _dataset_classes(rows: Sequence[ManifestRow]) -> tuple[str, ...]:
-    """The four rooms, plus OTHER when an --other tree gave candidates."""
-    return CLASSES + ((OTHER,) if any(row.label == OTHER for row in rows) else ())
 
 
 def _per_class(rows: Sequence[ManifestRow], classes: Sequence[str]) -> dict[str, int]:
@@ -74,7 +69,7 @@ def _other_scenes(rows: Sequence[ManifestRow]) -> dict[str, dict[str, Any]]:
 def build_summary(rows: list[ManifestRow], scans: list[SourceScan], settings: Settings) -> dict[str, Any]:
     """Every number the report shows, from the manifest rows and the scans."""
     kept = [row for row in rows if row.decision == "kept"]
-    classes = _dataset_classes(rows)
+    classes = dataset_classes(row.label for row in rows)
     summary = {
         "classes": list(classes),
         "settings": settings.describe(),
@@ -220,7 +215,7 @@ def _thumbnail(path: Path) -> np.ndarray:
 
 def plot_samples(rows: list[ManifestRow], dataset: Path, seed: int, path: Path) -> None:
     """A grid, one row per class: a seeded random choice of training images, titled by source."""
-    classes = _dataset_classes(rows)
+    classes = dataset_classes(row.label for row in rows)
     figure = Figure(figsize=(SAMPLES_PER_CLASS * 1.6, len(classes) * 1.8), dpi=100)
     grid = figure.subplots(len(classes), SAMPLES_PER_CLASS, squeeze=False)
     chooser = random.Random(seed)

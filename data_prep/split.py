@@ -18,7 +18,7 @@ from pathlib import Path
 
 import splitfolders
 
-from data_prep.common import CLASSES, OTHER, SPLIT_RATIO, SPLITS, DataPrepError, progress
+from data_prep.common import OTHER, SPLIT_RATIO, SPLITS, DataPrepError, dataset_classes, progress
 from data_prep.sources import Candidate
 
 # The kept images are copied (bytes only, never re-encoded) into staging/.pool/<group>/<name>, then
@@ -26,11 +26,6 @@ from data_prep.sources import Candidate
 # create and delete on some file systems.
 POOL_FOLDER = ".pool"
 SCENE_GROUP_SEPARATOR = "__"  # pool group of a known other scene: other__dining_room
-
-
-def dataset_classes(kept: list[Candidate]) -> tuple[str, ...]:
-    """The dataset's class folders: the four rooms, plus OTHER when an --other tree gave photos."""
-    return CLASSES + ((OTHER,) if any(candidate.label == OTHER for candidate in kept) else ())
 
 
 def scene_splits(scenes: set[str], seed: int) -> dict[str, str]:
@@ -60,7 +55,7 @@ def split_kept_images(kept: list[Candidate], staging: Path, seed: int,
     whole_scenes = scene_splits({c.scene for c in kept if groups[c.output_name] is None}, seed)
     for group in sorted({group for group in groups.values() if group is not None}):
         (pool / group).mkdir(parents=True)
-    classes = dataset_classes(kept)
+    classes = dataset_classes(candidate.label for candidate in kept)
     for split in SPLITS:
         for label in classes:
             (staging / split / label).mkdir(parents=True, exist_ok=True)  # every class folder, even when empty

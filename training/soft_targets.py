@@ -27,6 +27,7 @@ from training.data import Sample, load_rgb
 from training.teacher import (
     CHECKPOINT_NAME,
     NUM_SCENES,
+    PROBABILITY_FLOOR,
     TEACHER_PREPROCESSING,
     Places365Teacher,
     grouped_log_probabilities,
@@ -160,7 +161,7 @@ def teacher_scene_logits(teacher: Places365Teacher, samples: list[Sample], cache
     return logits, cost
 
 
-LOG_ZERO = float(np.log(1e-12))  # the log-probability of "not this one" in a target
+LOG_ZERO = float(np.log(PROBABILITY_FLOOR))  # the log-probability of "not this one" in a target
 
 
 def on_the_labels_side(log_probabilities: torch.Tensor, targets: torch.Tensor, other_index: int | None) -> torch.Tensor:

@@ -94,10 +94,13 @@ def scene_membership(labels: list[str]) -> np.ndarray:
     return membership
 
 
+PROBABILITY_FLOOR = 1e-12  # a label the teacher gives no mass at all: log(0) would be -inf in the KL
+
+
 def grouped_log_probabilities(scene_logits: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
     """log(softmax(scene logits) @ membership): the teacher's log-probability of each of our labels. A softmax
     over these is its belief among our labels (for the four rooms alone: renormalised over their scenes)."""
-    return torch.log((torch.softmax(scene_logits.float(), dim=1) @ membership).clamp_min(1e-12))
+    return torch.log((torch.softmax(scene_logits.float(), dim=1) @ membership).clamp_min(PROBABILITY_FLOOR))
 
 
 class Places365Teacher(nn.Module):
