@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -56,7 +57,9 @@ def test_checkpoints_keep_their_stem_and_tail_keys(arch: str) -> None:
     keys = list(model.state_dict())
     cut = BACKBONES[arch].default_stem_blocks
     assert all(key.startswith(("stem.", "tail.")) for key in keys)
-    assert keys[0] == "stem.0.0.weight" and any(key.startswith(f"tail.0.{cut}.") for key in keys)
+    first_block = BACKBONES[arch].blocks[0] if isinstance(BACKBONES[arch].blocks, tuple) else "0"
+    last_block = BACKBONES[arch].blocks[cut] if isinstance(BACKBONES[arch].blocks, tuple) else str(cut)
+    assert keys[0].startswith(f"stem.{first_block}.") and any(key.startswith(f"tail.0.{last_block}.") for key in keys)
     assert model.state_dict()[keys[-1]].shape == (NUM_CLASSES,) and keys[-1].startswith("tail.3.")
 
 
@@ -85,7 +88,8 @@ def test_unknown_backbone_and_impossible_cut_are_clear_errors() -> None:
 
 def test_command_line_backbones_come_from_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert parse_args(["compare", "--data", "d"]).archs == list(BACKBONES)
-    assert list(BACKBONES) == ["mobilenet_v3_small", "mobilenet_v2", "mobilenet_v3_large"]
+    assert list(BACKBONES) == ["mobilenet_v3_small", "mobilenet_v2", "mobilenet_v3_large", "places365_resnet18",
+                               "places365_resnet18_maxpool"]
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["compare", "--data", "d", "--archs", "mobilenet_v2", "resnet9000"])
     assert exit_info.value.code == 2 and "invalid choice: 'resnet9000'" in capsys.readouterr().err
@@ -103,3 +107,64 @@ def test_steps_that_read_the_dataset_require_data(step: str, capsys: pytest.Capt
     with pytest.raises(SystemExit) as exit_info:
         parse_args([step, "--run-dir", "r"])
     assert exit_info.value.code == 2 and f"the {step} step needs --data DIR" in capsys.readouterr().err
+
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO.parent / "shared" / "weights"
+PLACES365_FILE = WEIGHTS / "places365" / "wideresnet18_places365.pth.tar"
+needs_places365 = pytest.mark.skipif(not PLACES365_FILE.is_file(),
+                                     reason=f"{PLACES365_FILE} absent (CI has ../shared beside the clone)")
+
+
+@needs_places365
+def test_the_scene_student_is_csails_network_loaded_strictly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded from --weights-dir into the hub cache, the student is the teacher's network (every weight the
+    same, no stem max-pool) with a fresh 5-way head; the max-pool variant differs only by that layer."""
+    from training.backbones import seed_hub_cache
+    from training.teacher import load_teacher
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    copied = seed_hub_cache(WEIGHTS)
+    assert PLACES365_FILE.name in {path.name for path in copied}
+    teacher = load_teacher(["bathroom", "bedroom", "kitchen", "living_room"], WEIGHTS).network
+    student = build_backbone("places365_resnet18", 5)
+    assert isinstance(student.maxpool, nn.Identity) and student.fc.out_features == 5
+    body = {key: value for key, value in teacher.state_dict().items() if not key.startswith("fc.")}
+    for key, value in body.items():
+        torch.testing.assert_close(student.state_dict()[key], value, rtol=0, atol=0)
+    pooled = build_backbone("places365_resnet18_maxpool", 5)
+    assert isinstance(pooled.maxpool, nn.MaxPool2d)
+    torch.testing.assert_close(pooled.layer4[1].conv2.weight, teacher.layer4[1].conv2.weight, rtol=0, atol=0)
+    model = build_stem_tail("places365_resnet18_maxpool", 5).eval()
+    assert [name for name, _ in model.stem.named_children()][-1] == "layer2"  # layer3 and layer4 fine-tuned
+
+
+def test_scene_student_without_its_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No checkpoint and no network: a WeightsUnavailable naming the file and where to put it."""
+    from training.backbones import WeightsUnavailable
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda *args, **kwargs: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(WeightsUnavailable, match="wideresnet18_places365.pth.tar"):
+        build_backbone("places365_resnet18", 5)
+
+
+def test_the_scene_student_exports_with_activation_maps_and_quantizes(tmp_path: Path) -> None:
+    """The ResNet tail (blocks, pooling, fc) gets the class-activation-map output like MobileNetV2, and the
+    INT8 file runs through the same ONNX Runtime session code (random weights: the path, not accuracy)."""
+    import onnxruntime as ort
+
+    from inference.model import INPUT_NAME, OUTPUT_NAME
+    from training.export import export_onnx, max_logit_difference
+    from training.quantize import quantize_int8
+
+    model = build_stem_tail("places365_resnet18", 5, pretrained=False).eval()
+    path = export_onnx(model, tmp_path / "model.onnx", 64)
+    batch = np.random.default_rng(0).standard_normal((4, 3, 64, 64), dtype=np.float32)
+    assert max_logit_difference(model, path, batch) < 1e-3
+    outputs = [output.name for output in ort.InferenceSession(str(path)).get_outputs()]
+    assert outputs[0] == OUTPUT_NAME and len(outputs) == 2
+    int8 = quantize_int8(path, tmp_path / "model.int8.onnx", batch)
+    logits = ort.InferenceSession(str(int8)).run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    assert logits.shape == (4, 5) and np.isfinite(logits).all()

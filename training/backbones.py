@@ -1,22 +1,25 @@
-"""ImageNet-pretrained backbones, split into a frozen stem and a trainable tail.
+"""Pretrained backbones (ImageNet MobileNets, CSAIL's Places365 scene network), split into a frozen stem and a
+trainable tail.
 
 `BACKBONES` is the one place that knows them: `--arch`/`--archs`, `make compare` and the recipe all read it,
-so adding a backbone is adding one `Backbone` entry there. Weights load through torchvision's own weights API,
-so where a network exists the official files are downloaded; offline, files placed in torch's hub cache
-(`$TORCH_HOME/hub/checkpoints/`) are used as they are.
+so adding a backbone is adding one `Backbone` entry there. Weights load through torchvision's own weights API
+(and CSAIL's published file for Places365), so where a network exists the official files are downloaded;
+offline, files placed in torch's hub cache (`$TORCH_HOME/hub/checkpoints/`) are used as they are.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
 from torchvision import models
+
+from training.places365 import CHECKPOINT_URL, places365_student
+from training.weights import WeightsUnavailable, hub_checkpoint_dir, seed_hub_cache  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,8 @@ class Backbone:
     """
 
     build: Callable[..., nn.Module]  # called as build(weights=...), weights None for a random start
-    weights: models.WeightsEnum  # the ImageNet weights (their file name is what --weights-dir must hold)
+    weights: models.WeightsEnum | str  # torchvision's weights, or a checkpoint URL (its file name is what
+    # --weights-dir must hold)
     default_stem_blocks: int  # the first N blocks stay frozen (their outputs are cached), the rest is fine-tuned
     blocks: str | tuple[str, ...] = "features"  # one nn.Sequential of blocks, or top-level submodules in order
     head: str = "classifier"  # takes the pooled, flattened features; its last nn.Linear becomes ours
@@ -54,11 +58,20 @@ class Backbone:
         model.set_submodule(target, nn.Linear(model.get_submodule(target).in_features, num_classes))
 
 
+RESNET_BLOCKS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
 # `python -m training compare` (and `make compare`) trains them all, in this order.
 BACKBONES: dict[str, Backbone] = {
     "mobilenet_v3_small": Backbone(models.mobilenet_v3_small, models.MobileNet_V3_Small_Weights.IMAGENET1K_V1, 7),
     "mobilenet_v2": Backbone(models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, 14),
     "mobilenet_v3_large": Backbone(models.mobilenet_v3_large, models.MobileNet_V3_Large_Weights.IMAGENET1K_V1, 7),
+    # CSAIL's Places365 scene network as it was trained (no stem max-pool: ~4x a ResNet-18's cost); the last
+    # stage (layer4) and the classifier are fine-tuned on cached layer3 outputs
+    "places365_resnet18": Backbone(places365_student, CHECKPOINT_URL, 7, blocks=RESNET_BLOCKS, head="fc"),
+    # the same weights with the stem max-pool put back (a standard ResNet-18's cost); layer3 and layer4 are
+    # fine-tuned so that the network re-adapts to features at half the resolution
+    "places365_resnet18_maxpool": Backbone(partial(places365_student, max_pool=True), CHECKPOINT_URL, 6,
+                                           blocks=RESNET_BLOCKS, head="fc"),
 }
 
 
@@ -68,33 +81,13 @@ def backbone(arch: str) -> Backbone:
     return BACKBONES[arch]
 
 
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights could neither be found in the hub cache nor downloaded."""
-
-
-def hub_checkpoint_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def seed_hub_cache(weights_dir: Path) -> list[Path]:
-    """Copy `*.pth` files from `weights_dir` into torch's hub cache so torchvision finds them offline."""
-    target = hub_checkpoint_dir()
-    target.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for source in sorted(Path(weights_dir).glob("*.pth")):
-        destination = target / source.name
-        if not destination.exists():
-            shutil.copyfile(source, destination)
-            copied.append(destination)
-    return copied
-
-
 def weights_filename(arch: str) -> str:
-    return backbone(arch).weights.url.rsplit("/", 1)[-1]
+    weights = backbone(arch).weights
+    return (weights if isinstance(weights, str) else weights.url).rsplit("/", 1)[-1]
 
 
 def build_backbone(arch: str, num_classes: int, pretrained: bool = True) -> nn.Module:
-    """The registry's `arch` with its ImageNet weights and a fresh `num_classes` output layer.
+    """The registry's `arch` with its pretrained weights and a fresh `num_classes` output layer.
 
     Random initialisation happens only when `pretrained=False` is asked for explicitly.
     """
@@ -104,7 +97,7 @@ def build_backbone(arch: str, num_classes: int, pretrained: bool = True) -> nn.M
         model = spec.build(weights=weights)
     except Exception as error:  # torchvision raises URLError, RuntimeError or OSError offline
         raise WeightsUnavailable(
-            f"ImageNet weights for {arch} are not available ({type(error).__name__}: {error}). "
+            f"pretrained weights for {arch} are not available ({type(error).__name__}: {error}). "
             f"Put {weights_filename(arch)} into {hub_checkpoint_dir()} (or pass --weights-dir DIR holding it)."
         ) from None
     spec.reset_classifier(model, num_classes)

@@ -20,6 +20,7 @@ from training.recipe import (  # noqa: F401 (re-exported for callers)
     KD_ALPHA,
     KD_SCENE_WEIGHT,
     KD_TEMPERATURE,
+    PROFILES,
     Recipe,
 )
 
@@ -40,6 +41,16 @@ def row_from_report(arch: str, kd: str, report: dict[str, Any], params_m: float,
             "ort_batch16_ms": report["latency"]["batch16_ms"], "train_minutes": train_minutes}
 
 
+def trained_by(run_dir: Path, recipe: Recipe, fingerprint: str) -> dict[str, Any] | None:
+    """The run folder's best.pt checkpoint when `recipe` on the same data made it (so an hour-long scene network
+    trained by `make train PROFILE=scene` is scored, not trained again), else None."""
+    if not (run_dir / "best.pt").is_file():
+        return None
+    _, checkpoint = load_trained(run_dir)
+    same = checkpoint["recipe"] == asdict(recipe) and checkpoint["dataset_fingerprint"] == fingerprint
+    return checkpoint if same else None
+
+
 def compare_one(data: Path, run_dir: Path, recipe: Recipe, weights_dir: Path | None = None,
                 soft_target_dir: Path | None = None) -> dict[str, Any]:
     kd = f"alpha {recipe.kd_alpha}, T {recipe.kd_temperature}" if recipe.kd_alpha > 0 else "no"
@@ -52,9 +63,14 @@ def compare_one(data: Path, run_dir: Path, recipe: Recipe, weights_dir: Path | N
         if previous["recipe"] == asdict(recipe) and previous["dataset_fingerprint"] == fingerprint:
             print(f"{run_dir}: reusing the row of an earlier run with the same recipe and data")
             return previous["row"]
-    start = time.perf_counter()
-    train_step(data, run_dir, recipe, weights_dir=weights_dir, soft_target_dir=soft_target_dir)
-    minutes = (time.perf_counter() - start) / 60
+    trained = trained_by(run_dir, recipe, fingerprint)
+    if trained is not None:
+        print(f"{run_dir}: reusing the network trained there with the same recipe and data")
+        minutes = trained["history"].get("train_minutes")
+    else:
+        start = time.perf_counter()
+        train_step(data, run_dir, recipe, weights_dir=weights_dir, soft_target_dir=soft_target_dir)
+        minutes = (time.perf_counter() - start) / 60
     export = export_step(data, run_dir)
     report = evaluate_step(data, run_dir)["report"]
     model, _ = load_trained(run_dir)
@@ -103,6 +119,16 @@ def distill_variants(recipe: Recipe, distill: str) -> list[Recipe]:
     return {"off": [without], "on": [with_kd], "both": [without, with_kd]}[distill]
 
 
+def variants_of(arch: str, recipe: Recipe, distill: str) -> list[Recipe]:
+    """What `compare` trains for `arch`: its own profile where one exists (the scene networks: their views,
+    epochs and learning rates, one distilled row; a second row would cost another ~40 minutes here), else
+    `recipe` on that backbone without and/or with distillation."""
+    own = [profile for profile in PROFILES.values() if profile.arch == arch and profile.max_per_class is None]
+    if own and arch != recipe.arch:
+        return own[:1]
+    return distill_variants(replace(recipe, arch=arch, stem_blocks=None), distill)
+
+
 def compare(data: Path, out_dir: Path, archs: list[str], recipe: Recipe, distill: str = "both", teacher: bool = True,
             weights_dir: Path | None = None, soft_target_dir: Path | None = None) -> list[dict[str, Any]]:
     """One row per architecture and distillation setting (missing weights are reported, not fatal), plus the teacher."""
@@ -111,7 +137,7 @@ def compare(data: Path, out_dir: Path, archs: list[str], recipe: Recipe, distill
     if teacher:
         rows.append(teacher_row(data, out_dir / "teacher", weights_dir, soft_target_dir))
     for arch in archs:
-        for variant in distill_variants(replace(recipe, arch=arch, stem_blocks=None), distill):
+        for variant in variants_of(arch, recipe, distill):
             name = arch + ("-kd" if variant.kd_alpha > 0 else "")
             try:
                 rows.append(compare_one(data, out_dir / name, variant, weights_dir, soft_target_dir))

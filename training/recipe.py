@@ -94,6 +94,16 @@ PROFILES: dict[str, Recipe] = {
                     fresh_views=True, stem_blocks=4, views=1, warmup_epochs=0, epochs=10, lr_tail=2e-4,
                     head_lr_factor=10.0),
     "quick": Recipe(arch="mobilenet_v3_small", views=2, warmup_epochs=3, epochs=8, max_per_class=60, patience=4),
+    # CSAIL's Places365 network fine-tuned (issue 21). Its stem is ~10x MobileNetV2's cost on 2 cores, so fewer
+    # cached views and epochs; the pretrained layers get a gentler learning rate than the MobileNets' ImageNet ones.
+    # "scene": the network as trained (no max-pool) at 160 px, layer4 + classifier fine-tuned;
+    # "scene_maxpool": the max-pool put back (a standard ResNet-18's cost) at 224 px, layer3 + layer4 fine-tuned.
+    "scene": Recipe(arch="places365_resnet18", kd_alpha=KD_ALPHA, kd_temperature=KD_TEMPERATURE,
+                    kd_scene_weight=KD_SCENE_WEIGHT, views=2, warmup_epochs=2, epochs=5, patience=2, lr_tail=1e-4,
+                    head_lr_factor=10.0, preprocessing=Preprocessing(image_size=160, resize_size=183).to_dict()),
+    "scene_maxpool": Recipe(arch="places365_resnet18_maxpool", kd_alpha=KD_ALPHA, kd_temperature=KD_TEMPERATURE,
+                            kd_scene_weight=KD_SCENE_WEIGHT, views=2, warmup_epochs=2, epochs=5, patience=2,
+                            lr_tail=2e-4, head_lr_factor=5.0),
 }
 
 

@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from training.data import Sample, load_rgb
+from training.places365 import CHECKPOINT_NAME
 from training.teacher import (
-    CHECKPOINT_NAME,
     NUM_SCENES,
     PROBABILITY_FLOOR,
     TEACHER_PREPROCESSING,

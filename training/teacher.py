@@ -1,11 +1,5 @@
-"""CSAIL's Places365 WideResNet-18, a scene-recognition teacher for distillation.
-
-The checkpoint is CSAIL's own file (`wideresnet18_places365.pth.tar`: a dict whose `state_dict` keys carry
-DataParallel's `module.` prefix). CSAIL's "wideresnet18" is torchvision's ResNet-18 without the stem max-pool,
-so after stripping the prefix it loads strictly into `resnet18(num_classes=365)` with `maxpool = Identity`.
-Where a network exists the file is downloaded from CSAIL's published URL into torch's hub cache (as
-torchvision does for its own weights); offline it is read from `--weights-dir` (or found in that cache).
-"""
+"""CSAIL's Places365 WideResNet-18 as a scene-recognition teacher for distillation: its 365 scenes grouped into
+our labels (the network and its checkpoint: training/places365.py)."""
 
 from __future__ import annotations
 
@@ -15,16 +9,16 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torchvision import models
 
 from data_prep.common import OTHER
 from inference.preprocess import Preprocessing, normalize_pixels, trim_long_side
-from training.backbones import WeightsUnavailable, hub_checkpoint_dir
+from training.places365 import (  # noqa: F401 (TeacherUnavailable: re-exported for callers)
+    NUM_SCENES,
+    TeacherUnavailable,
+    load_places365_resnet18,
+)
 
-CHECKPOINT_NAME = "wideresnet18_places365.pth.tar"
-CHECKPOINT_URL = f"http://places2.csail.mit.edu/models_places365/{CHECKPOINT_NAME}"
 CATEGORIES_NAME = "categories_places365.txt"
-NUM_SCENES = 365
 # The Places365 scenes a listing photo of each room may be called (categories_places365.txt: "/b/bathroom 45"):
 # the teacher's probability of a room is the sum over its scenes, and OTHER gets every scene not listed here.
 # Without the near-synonyms a real bedroom the teacher calls "hotel_room" would teach the student "other".
@@ -37,47 +31,6 @@ ROOM_SCENES: dict[str, dict[str, int]] = {
 }
 # CSAIL's evaluation transform: squash to 256x256 (no aspect kept), centre crop 224, ImageNet mean/std.
 TEACHER_PREPROCESSING = Preprocessing(image_size=224, resize_size=256)
-
-
-class TeacherUnavailable(WeightsUnavailable):
-    """The Places365 checkpoint is neither in `--weights-dir`, nor in the hub cache, nor downloadable."""
-
-
-def find_checkpoint(weights_dir: Path | None) -> Path | None:
-    """The checkpoint inside `weights_dir` (or its `places365/` folder), else in torch's hub cache."""
-    candidates = []
-    if weights_dir is not None:
-        candidates += [Path(weights_dir) / "places365" / CHECKPOINT_NAME, Path(weights_dir) / CHECKPOINT_NAME]
-    candidates.append(hub_checkpoint_dir() / CHECKPOINT_NAME)
-    return next((path for path in candidates if path.is_file()), None)
-
-
-def load_checkpoint(weights_dir: Path | None = None) -> dict:
-    """CSAIL's checkpoint dict, from disk or (where a network exists) downloaded once into the hub cache."""
-    path = find_checkpoint(weights_dir)
-    if path is not None:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        return torch.hub.load_state_dict_from_url(CHECKPOINT_URL, model_dir=str(hub_checkpoint_dir()),
-                                                  map_location="cpu", file_name=CHECKPOINT_NAME, weights_only=True)
-    except Exception as error:  # URLError, OSError, HTTP errors offline
-        searched = f"{Path(weights_dir) / 'places365'} or " if weights_dir is not None else ""
-        raise TeacherUnavailable(
-            f"the Places365 teacher checkpoint {CHECKPOINT_NAME} is not available ({type(error).__name__}: {error}). "
-            f"Put it into {searched}{hub_checkpoint_dir()} "
-            f"(pass --weights-dir DIR holding places365/{CHECKPOINT_NAME})."
-        ) from None
-
-
-def places365_resnet18() -> nn.Module:
-    """CSAIL's "wideresnet18" in torchvision modules: ResNet-18 with basic blocks and no stem max-pool."""
-    model = models.resnet18(num_classes=NUM_SCENES)
-    model.maxpool = nn.Identity()
-    return model
-
-
-def strip_data_parallel(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {key.removeprefix("module."): value for key, value in state_dict.items()}
 
 
 def scene_membership(labels: list[str]) -> np.ndarray:
@@ -122,11 +75,7 @@ class Places365Teacher(nn.Module):
 
 def load_teacher(labels: list[str], weights_dir: Path | None = None) -> Places365Teacher:
     """The teacher in eval mode, every weight loaded strictly (a mismatch is an error, never a silent skip)."""
-    checkpoint = load_checkpoint(weights_dir)
-    state_dict = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
-    network = places365_resnet18()
-    network.load_state_dict(strip_data_parallel(state_dict), strict=True)
-    return Places365Teacher(network, labels).eval()
+    return Places365Teacher(load_places365_resnet18(weights_dir), labels).eval()
 
 
 def scene_names(weights_dir: Path | None) -> list[str]:
