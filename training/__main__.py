@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also quantize to INT8 and serve it if faster and as accurate")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     parser.add_argument("--no-register", action="store_true", help="`run` without saving into the model store")
+    parser.add_argument("--model-name", default="room_classifier",
+                        help="`run`/`register`: the model-store name to add a version to (the service serves "
+                             "RC_MODEL_TAG, room_classifier:latest by default; e.g. room_classifier_scene for the "
+                             "scene network beside it)")
     parser.add_argument("--register-if-val-above", type=float,
                         help="`run`: register only if the served model's val accuracy beats this "
                              "(e.g. today's model's)")
@@ -82,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.step == "evaluate":
             pipeline.evaluate_step(args.data, args.run_dir, int8=args.int8)
         elif args.step == "register":
-            pipeline.register_step(args.run_dir)
+            pipeline.register_step(args.run_dir, args.model_name)
         elif args.step == "run":
             pipeline.run_all(args.data, args.run_dir, recipe, int8=args.int8, register=not args.no_register,
-                             resume=args.resume, register_if_val_above=args.register_if_val_above, **teacher_args)
+                             resume=args.resume, register_if_val_above=args.register_if_val_above,
+                             model_name=args.model_name, **teacher_args)
         elif args.step == "teacher":
             distill.teacher_report(args.data, args.weights_dir, args.run_dir, args.soft_target_dir)
         else:

@@ -26,7 +26,7 @@ from training.latency import measure_latency_ms
 from training.openset import other_scenes_of
 from training.quantize import quantize_int8
 from training.recipe import Recipe, train, uses_teacher
-from training.register import save_to_model_store
+from training.register import MODEL_NAME, save_to_model_store
 
 PARITY_TOLERANCE = 1e-3
 INT8_MAX_ACCURACY_DROP = 0.005
@@ -132,8 +132,9 @@ def evaluate_step(data: Path, run_dir: Path, int8: bool = False) -> dict[str, An
     return chosen
 
 
-def register_step(run_dir: Path) -> str:
-    """Save the chosen ONNX file with everything the service and a user need into the model store."""
+def register_step(run_dir: Path, model_name: str = MODEL_NAME) -> str:
+    """Save the chosen ONNX file with everything the service and a user need into the model store, as a new
+    version of `model_name` (the service serves `RC_MODEL_TAG`, room_classifier:latest unless set)."""
     _, checkpoint = load_trained(run_dir)
     chosen = json.loads((run_dir / "chosen.json").read_text())
     report_dir = Path(chosen["path"]).parent / ("report_int8" if chosen["precision"] == "int8" else "report")
@@ -151,7 +152,7 @@ def register_step(run_dir: Path) -> str:
     })
     if checkpoint["history"].get("other_operating_point"):
         metadata["other_operating_point"] = checkpoint["history"]["other_operating_point"]
-    tag = save_to_model_store(Path(chosen["path"]), metadata)
+    tag = save_to_model_store(Path(chosen["path"]), metadata, model_name)
     (run_dir / "registered.json").write_text(json.dumps({"tag": str(tag)}, indent=2))
     print(f"registered {tag}")
     return str(tag)
@@ -159,7 +160,7 @@ def register_step(run_dir: Path) -> str:
 
 def run_all(data: Path, run_dir: Path, recipe: Recipe, int8: bool = False, register: bool = True,
             resume: bool = False, weights_dir: Path | None = None, soft_target_dir: Path | None = None,
-            register_if_val_above: float | None = None) -> dict[str, Any]:
+            register_if_val_above: float | None = None, model_name: str = MODEL_NAME) -> dict[str, Any]:
     train_step(data, run_dir, recipe, resume=resume, weights_dir=weights_dir, soft_target_dir=soft_target_dir)
     export_step(data, run_dir)
     chosen = evaluate_step(data, run_dir, int8=int8)
@@ -169,6 +170,6 @@ def run_all(data: Path, run_dir: Path, recipe: Recipe, int8: bool = False, regis
         print(f"not registered: val accuracy {summary['val_accuracy']:.4f} does not beat {register_if_val_above:.4f}")
         register = False
     if register:
-        summary["tag"] = register_step(run_dir)
+        summary["tag"] = register_step(run_dir, model_name)
     print(json.dumps(summary, indent=2))
     return summary
