@@ -283,10 +283,11 @@ def test_compare_has_the_teacher_row_a_distilled_student_and_the_audit(tmp_path:
     table = (tmp_path / "compare" / "compare.md").read_text()
     teacher_line = next(line for line in table.splitlines() if "(teacher)" in line)
     assert f"{teacher_row['test_accuracy']:.4f}" in teacher_line
-    assert f"{teacher_row['test_ece_after']:.4f}" in teacher_line
+    assert f"{teacher_row['val_ece_after']:.4f}" in teacher_line
     assert 0.5 <= teacher_row["test_accuracy"] <= 1.0 and teacher_row["ort_batch1_ms"] > 0
     assert teacher_row["params_m"] == pytest.approx(11.36, abs=0.01)  # ResNet-18 with a 365-way head
     assert student_row["arch"] == "mobilenet_v3_small" and 0.0 <= student_row["test_accuracy"] <= 1.0
+    assert student_row["int8_batch1_ms"] > 0 and student_row["int8_batch16_ms"] > 0  # FP32 and INT8 side by side
 
     history = torch.load(tmp_path / "compare" / "mobilenet_v3_small-kd" / "best.pt", weights_only=False)["history"]
     assert history["teacher_pass"]["computed"] == 0 and history["teacher_pass"]["reused"] == 13

@@ -24,21 +24,35 @@ from training.recipe import (  # noqa: F401 (re-exported for callers)
     Recipe,
 )
 
-COLUMNS = ("arch", "kd", "val_accuracy", "test_accuracy", "test_macro_f1", "test_f1_living_room",
-           "test_accuracy_house_rooms", "test_ece_after", "params_m", "onnx_mb", "ort_batch1_ms", "ort_batch16_ms",
-           "train_minutes")
-
+COLUMNS = ("arch", "kd", "val_accuracy", "test_accuracy", "test_room_accuracy", "test_macro_f1", "test_f1_living_room",
+           "test_room_accuracy_house_rooms", "val_ece_after", "test_rooms_as_other", "test_unseen_other_as_other",
+           "test_known_other_as_other", "params_m", "onnx_mb", "ort_batch1_ms", "ort_batch16_ms",
+           "int8_batch1_ms", "int8_batch16_ms", "train_minutes")
 
 
 def row_from_report(arch: str, kd: str, report: dict[str, Any], params_m: float, onnx_bytes: int,
-                    train_minutes: float | None) -> dict[str, Any]:
-    return {"arch": arch, "kd": kd, "val_accuracy": report["val"]["accuracy"],
-            "test_accuracy": report["test"]["accuracy"], "test_macro_f1": report["test"]["macro"]["f1"],
-            "test_f1_living_room": report["test"]["per_class"].get("living_room", {}).get("f1"),
-            "test_accuracy_house_rooms": report["test_by_source"].get("house_rooms", {}).get("accuracy"),
-            "test_ece_after": report["calibration"]["after"]["ece"], "params_m": params_m,
-            "onnx_mb": onnx_bytes / 1e6, "ort_batch1_ms": report["latency"]["batch1_ms"],
-            "ort_batch16_ms": report["latency"]["batch16_ms"], "train_minutes": train_minutes}
+                    train_minutes: float | None, int8: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One table row. Room accuracy counts `other` as wrong on room photos (the rooms' rate); for a four-label
+    model it is the plain accuracy. `int8`: the quantized file's latency, where one was made."""
+    openset = report.get("openset", {}).get("test")
+    by_source = openset["room_accuracy_by_source"] if openset else report["test_by_source"]
+    calibration = report["calibration"]
+    row = {"arch": arch, "kd": kd, "val_accuracy": report["val"]["accuracy"],
+           "test_accuracy": report["test"]["accuracy"],
+           "test_room_accuracy": openset["room_accuracy"] if openset else report["test"]["accuracy"],
+           "test_macro_f1": report["test"]["macro"]["f1"],
+           "test_f1_living_room": report["test"]["per_class"].get("living_room", {}).get("f1"),
+           "test_room_accuracy_house_rooms": by_source.get("house_rooms", {}).get("accuracy"),
+           "val_ece_after": calibration.get("val_after", calibration["after"])["ece"], "params_m": params_m,
+           "onnx_mb": onnx_bytes / 1e6, "ort_batch1_ms": report["latency"]["batch1_ms"],
+           "ort_batch16_ms": report["latency"]["batch16_ms"], "train_minutes": train_minutes}
+    if openset:
+        row.update({f"test_{group}": openset["rates"].get(name) for group, name in
+                    (("rooms_as_other", "rooms_as_other"), ("unseen_other_as_other", "unseen_other"),
+                     ("known_other_as_other", "known_other"))})
+    if int8:
+        row.update({"int8_batch1_ms": int8["batch1_ms"], "int8_batch16_ms": int8["batch16_ms"]})
+    return row
 
 
 def trained_by(run_dir: Path, recipe: Recipe, fingerprint: str) -> dict[str, Any] | None:
@@ -49,6 +63,13 @@ def trained_by(run_dir: Path, recipe: Recipe, fingerprint: str) -> dict[str, Any
     _, checkpoint = load_trained(run_dir)
     same = checkpoint["recipe"] == asdict(recipe) and checkpoint["dataset_fingerprint"] == fingerprint
     return checkpoint if same else None
+
+
+def evaluated_since_training(run_dir: Path) -> bool:
+    """Whether the run's export, FP32 report and INT8 comparison were written after its best.pt."""
+    trained_at = (run_dir / "best.pt").stat().st_mtime
+    made = [run_dir / "export.json", run_dir / "report" / "report.json", run_dir / "int8_vs_fp32.json"]
+    return all(path.is_file() and path.stat().st_mtime >= trained_at for path in made)
 
 
 def compare_one(data: Path, run_dir: Path, recipe: Recipe, weights_dir: Path | None = None,
@@ -71,11 +92,15 @@ def compare_one(data: Path, run_dir: Path, recipe: Recipe, weights_dir: Path | N
         start = time.perf_counter()
         train_step(data, run_dir, recipe, weights_dir=weights_dir, soft_target_dir=soft_target_dir)
         minutes = (time.perf_counter() - start) / 60
-    export = export_step(data, run_dir)
-    report = evaluate_step(data, run_dir)["report"]
+    if not evaluated_since_training(run_dir):
+        export_step(data, run_dir)
+        evaluate_step(data, run_dir, int8=True)
+    export = json.loads((run_dir / "export.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    int8 = json.loads((run_dir / "int8_vs_fp32.json").read_text())["int8"]
     model, _ = load_trained(run_dir)
     row = row_from_report(recipe.arch, kd, report, sum(p.numel() for p in model.parameters()) / 1e6, export["bytes"],
-                          minutes)
+                          minutes, int8)
     saved.write_text(json.dumps({"recipe": asdict(recipe), "dataset_fingerprint": fingerprint, "row": row}, indent=2))
     return row
 
