@@ -13,6 +13,8 @@ ARCH ?=  # empty: the profile's backbone (`python -m training --help` lists both
 # "Distillation"): TRAIN_ARGS="--kd-alpha 0" trains without it. `make compare` runs each backbone both ways.
 TRAIN_ARGS ?=
 RUN_DIR ?= runs/$(PROFILE)
+# The model-store name `make train` adds a version to; the service serves RC_MODEL_TAG (room_classifier:latest).
+MODEL_NAME ?= room_classifier
 PORT ?= 3000
 export TORCH_HOME ?= $(CURDIR)/.torch
 export BENTOML_DO_NOT_TRACK ?= true
@@ -30,7 +32,7 @@ BENTO := $(OUT)/bento.built
 RESULTS ?= $(OUT)/bulk/results.parquet
 BULK_ARGS ?=
 
-.PHONY: setup dataset train compare bento serve container-setup image run-image bench soak benchmark-data all test test-e2e test-web lint bulk bench-bulk manifests footprint
+.PHONY: setup dataset train scene compare bento serve container-setup image run-image bench soak benchmark-data all test test-e2e test-web lint bulk bench-bulk manifests footprint
 
 # setup: everything (training, tests, bulk, the browser for the page's tests); `make serve` needs only serving.
 setup: $(VENV)/.installed
@@ -58,7 +60,12 @@ $(DATASET): $(wildcard data_prep/*.py) | $(VENV)/.installed
 train: $(REGISTERED)
 
 $(REGISTERED): $(DATASET) $(wildcard training/*.py) | $(VENV)/.installed
-	$(PY) -m training run --data $(OUT)/dataset --run-dir $(RUN_DIR) --profile $(PROFILE) $(if $(strip $(ARCH)),--arch $(ARCH)) --weights-dir $(WEIGHTS) --int8 $(TRAIN_ARGS)
+	$(PY) -m training run --data $(OUT)/dataset --run-dir $(RUN_DIR) --profile $(PROFILE) $(if $(strip $(ARCH)),--arch $(ARCH)) --weights-dir $(WEIGHTS) --int8 --model-name $(MODEL_NAME) $(TRAIN_ARGS)
+
+# The Places365 scene network fine-tuned (the accurate option, README "Models"), registered beside the default:
+# serve it with RC_MODEL_TAG=room_classifier_scene:latest.
+scene:
+	$(MAKE) train PROFILE=scene MODEL_NAME=room_classifier_scene
 
 compare: setup
 	$(PY) -m training compare --data $(OUT)/dataset --run-dir runs/compare --weights-dir $(WEIGHTS) --distill both

@@ -24,10 +24,10 @@ from training.recipe import (  # noqa: F401 (re-exported for callers)
     Recipe,
 )
 
-COLUMNS = ("arch", "kd", "val_accuracy", "test_accuracy", "test_room_accuracy", "test_macro_f1", "test_f1_living_room",
-           "test_room_accuracy_house_rooms", "val_ece_after", "test_rooms_as_other", "test_unseen_other_as_other",
-           "test_known_other_as_other", "params_m", "onnx_mb", "ort_batch1_ms", "ort_batch16_ms",
-           "int8_batch1_ms", "int8_batch16_ms", "train_minutes")
+COLUMNS = ("arch", "input_px", "kd", "val_accuracy", "test_accuracy", "test_room_accuracy", "test_macro_f1",
+           "test_f1_living_room", "test_room_accuracy_house_rooms", "val_ece_after", "test_rooms_as_other",
+           "test_unseen_other_as_other", "test_known_other_as_other", "params_m", "onnx_mb", "ort_batch1_ms",
+           "ort_batch16_ms", "int8_batch1_ms", "int8_batch16_ms", "train_minutes")
 
 
 def row_from_report(arch: str, kd: str, report: dict[str, Any], params_m: float, onnx_bytes: int,
@@ -101,6 +101,7 @@ def compare_one(data: Path, run_dir: Path, recipe: Recipe, weights_dir: Path | N
     model, _ = load_trained(run_dir)
     row = row_from_report(recipe.arch, kd, report, sum(p.numel() for p in model.parameters()) / 1e6, export["bytes"],
                           minutes, int8)
+    row["input_px"] = recipe.preprocessing["image_size"]
     saved.write_text(json.dumps({"recipe": asdict(recipe), "dataset_fingerprint": fingerprint, "row": row}, indent=2))
     return row
 
@@ -113,6 +114,7 @@ def teacher_row(data: Path, out_dir: Path, weights_dir: Path | None, soft_target
     row = row_from_report("places365_wideresnet18 (teacher)", "zero-shot", report, report["params_m"],
                           report["onnx_bytes"], None)
     row["teacher_pass_minutes"] = minutes
+    row["input_px"] = 224
     return row
 
 
@@ -128,7 +130,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['arch']} | {row.get('kd', '-')} | " + f"not run: {row['error']} |")
+            lines.append(f"| {row['arch']} | - | {row.get('kd', '-')} | " + f"not run: {row['error']} |")
             continue
         cells = [format_cell(column, row.get(column)) for column in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
@@ -144,14 +146,18 @@ def distill_variants(recipe: Recipe, distill: str) -> list[Recipe]:
     return {"off": [without], "on": [with_kd], "both": [without, with_kd]}[distill]
 
 
-def variants_of(arch: str, recipe: Recipe, distill: str) -> list[Recipe]:
-    """What `compare` trains for `arch`: its own profile where one exists (the scene networks: their views,
-    epochs and learning rates, one distilled row; a second row would cost another ~40 minutes here), else
-    `recipe` on that backbone without and/or with distillation."""
-    own = [profile for profile in PROFILES.values() if profile.arch == arch and profile.max_per_class is None]
+def variants_of(arch: str, recipe: Recipe, distill: str, out_dir: Path) -> list[tuple[Path, Recipe]]:
+    """What `compare` trains for `arch`, and where: its own profile where one exists (the scene networks: their
+    views, epochs and learning rates, one distilled row; a second row would cost another ~40 minutes here) in
+    that profile's run folder beside `out_dir` (runs/scene: what `make scene` trains is scored, not retrained),
+    else `recipe` on that backbone without and/or with distillation, in `out_dir`/<arch>[-kd]."""
+    own = [(name, profile) for name, profile in PROFILES.items()
+           if profile.arch == arch and profile.max_per_class is None]
     if own and arch != recipe.arch:
-        return own[:1]
-    return distill_variants(replace(recipe, arch=arch, stem_blocks=None), distill)
+        name, profile = own[0]
+        return [(out_dir.parent / name, profile)]
+    return [(out_dir / (arch + ("-kd" if variant.kd_alpha > 0 else "")), variant)
+            for variant in distill_variants(replace(recipe, arch=arch, stem_blocks=None), distill)]
 
 
 def compare(data: Path, out_dir: Path, archs: list[str], recipe: Recipe, distill: str = "both", teacher: bool = True,
@@ -162,10 +168,9 @@ def compare(data: Path, out_dir: Path, archs: list[str], recipe: Recipe, distill
     if teacher:
         rows.append(teacher_row(data, out_dir / "teacher", weights_dir, soft_target_dir))
     for arch in archs:
-        for variant in variants_of(arch, recipe, distill):
-            name = arch + ("-kd" if variant.kd_alpha > 0 else "")
+        for run_dir, variant in variants_of(arch, recipe, distill, out_dir):
             try:
-                rows.append(compare_one(data, out_dir / name, variant, weights_dir, soft_target_dir))
+                rows.append(compare_one(data, run_dir, variant, weights_dir, soft_target_dir))
             except WeightsUnavailable as error:
                 print(error)
                 rows.append({"arch": arch, "kd": "yes" if variant.kd_alpha > 0 else "no",
@@ -173,8 +178,9 @@ def compare(data: Path, out_dir: Path, archs: list[str], recipe: Recipe, distill
             (out_dir / "compare.json").write_text(json.dumps(rows, indent=2))
     (out_dir / "compare.json").write_text(json.dumps(rows, indent=2))
     table = format_table(rows)
-    (out_dir / "compare.md").write_text("# Backbone comparison (same split, same recipe)\n\nChoose on the val "
-                                        "columns; the test columns only report. The teacher row is the Places365 "
-                                        "network's four room outputs with no training on our data.\n\n" + table + "\n")
+    (out_dir / "compare.md").write_text("# Backbone comparison (same split)\n\nChoose on the val columns; the test "
+                                        "columns only report. Room accuracy counts `other` as wrong on room photos. "
+                                        "The teacher row is the Places365 network's scenes grouped into our labels, "
+                                        "with no training on our data.\n\n" + table + "\n")
     print(table)
     return rows
