@@ -86,11 +86,16 @@ def evaluate_openset(logits_fn: LogitsFn, logits: dict[str, np.ndarray], samples
 
 
 def evaluate(logits_fn: LogitsFn, val: list[Sample], test: list[Sample], labels: list[str],
-             config: Preprocessing, train_scenes: set[str] | None = None) -> dict[str, Any]:
+             config: Preprocessing, train_scenes: set[str] | None = None,
+             logits_file: Path | None = None) -> dict[str, Any]:
     """Scores for the model behind `logits_fn`: val (also used to fit the temperature) and test. With an
-    `other` label, also the open-set scores (`train_scenes`: the other scene types training saw)."""
+    `other` label, also the open-set scores (`train_scenes`: the other scene types training saw). With
+    `logits_file`, the raw logits are kept there (.npz: val, test) to study calibration without a rerun."""
     val_logits = predict_logits(logits_fn, val, config, "evaluate val")
     test_logits = predict_logits(logits_fn, test, config, "evaluate test")
+    if logits_file is not None:
+        logits_file.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(logits_file, val=val_logits, test=test_logits)
     val_targets = np.array([s.label for s in val])
     test_targets = np.array([s.label for s in test])
     temperature = fit_temperature(val_logits, val_targets)

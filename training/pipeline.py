@@ -88,7 +88,7 @@ def evaluate_model(onnx_path: Path, data: Path, checkpoint: dict[str, Any], out_
     classifier = OnnxClassifier.from_files(onnx_path, base_metadata(checkpoint))
     train_scenes = other_scenes_of(list_samples(data, "train", labels), labels)
     report = evaluate(classifier.logits, list_samples(data, "val", labels), list_samples(data, "test", labels),
-                      labels, config, train_scenes)
+                      labels, config, train_scenes, out_dir / "logits.npz")
     report["latency"] = measure_latency_ms(onnx_path, config.image_size)
     report["onnx_bytes"] = onnx_path.stat().st_size
     write_report(report, out_dir, extra)
