@@ -53,7 +53,7 @@ def time_off(classifier: OnnxClassifier, blob: bytes, config: KernelConfig) -> t
     """(model call, whole chain) seconds for one image without explain."""
     info = classifier.info
     started = time.perf_counter()
-    pixels = bytes_to_pixels(blob, info.preprocessing, config.image_limits(), config.jpeg_draft)[None]
+    pixels = bytes_to_pixels(blob, info.preprocessing, config.image_limits())[None]
     model_started = time.perf_counter()
     logits = classifier.logits_for_pixels(pixels)
     model_s = time.perf_counter() - model_started
@@ -65,7 +65,7 @@ def time_on(classifier: OnnxClassifier, blob: bytes, config: KernelConfig) -> tu
     """(model call, whole chain) seconds for one image with explain (two maps: threshold 1 makes it unsure)."""
     info = classifier.info
     started = time.perf_counter()
-    pixels, _ = bytes_to_pixels_and_view(blob, info.preprocessing, config.image_limits(), config.jpeg_draft)
+    pixels, _ = bytes_to_pixels_and_view(blob, info.preprocessing, config.image_limits())
     model_started = time.perf_counter()
     logits, maps = classifier.logits_and_maps_for_pixels(pixels[None])
     model_s = time.perf_counter() - model_started
