@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from inference.config import KernelConfig
-from inference.model import OnnxClassifier
+from inference.model import ModelContract, OnnxClassifier
 from inference.postprocess import explained_labels, heatmap_grid, postprocess
 from inference.preprocess import Preprocessing, bytes_to_pixels, bytes_to_pixels_and_view
 from testkit.photos import DEFAULT_DATA, find_room_photos, write_jpegs
@@ -44,9 +44,9 @@ def file_classifier(path: Path) -> OnnxClassifier:
 
     outputs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_outputs()
     count = outputs[0].shape[1]
-    metadata = {"labels": [f"class_{i}" for i in range(count)], "preprocessing": Preprocessing().to_dict(),
-                "temperature": 1.0, "architecture": path.name}
-    return OnnxClassifier.from_files(path, metadata, tag=str(path), intra_op_threads=1)
+    contract = ModelContract(labels=tuple(f"class_{i}" for i in range(count)), preprocessing=Preprocessing(),
+                             temperature=1.0, architecture=path.name)
+    return OnnxClassifier.from_files(path, contract, tag=str(path), intra_op_threads=1)
 
 
 def time_off(classifier: OnnxClassifier, blob: bytes, config: KernelConfig) -> tuple[float, float]:

@@ -17,9 +17,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testkit.server import REPO_ROOT
+
+if TYPE_CHECKING:
+    from inference.model import ModelInfo
 
 MODEL_NAME = "room_classifier"
 
@@ -32,6 +35,13 @@ class TinyModel:
     tag: str
     onnx_path: Path
     metadata: dict[str, Any]
+
+    @property
+    def info(self) -> "ModelInfo":
+        """Its metadata read as the service reads it (imported here: onnxruntime is not needed to register)."""
+        from inference.model import ModelInfo
+
+        return ModelInfo.from_metadata(self.tag, self.metadata)
 
 
 def run_with_home(home: Path | str, args: list[str], timeout_s: float | None = None) -> str:

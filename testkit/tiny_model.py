@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from data_prep.common import CLASSES, OTHER
+from inference.model import ModelContract
 from inference.preprocess import Preprocessing
 
 TINY_LABELS = list(CLASSES)
@@ -86,13 +87,17 @@ def build_tiny_onnx(path: Path, with_other: bool = False, explainable: bool = Fa
     return path
 
 
+def tiny_contract(with_other: bool = False) -> ModelContract:
+    """The tiny model's contract, as training builds a real one."""
+    return ModelContract(labels=tuple(tiny_labels(with_other)), preprocessing=Preprocessing(image_size=IMAGE_SIZE),
+                         temperature=TINY_TEMPERATURE, architecture="tiny_gap_gemm")
+
+
 def tiny_metadata(with_other: bool = False) -> dict[str, Any]:
-    """Metadata shaped like real training's, so the service reads it the same way."""
+    """Metadata shaped like real training's (the contract, then what training records), so the service reads
+    it the same way."""
     return {
-        "labels": tiny_labels(with_other),
-        "preprocessing": Preprocessing(image_size=IMAGE_SIZE).to_dict(),
-        "temperature": TINY_TEMPERATURE,
-        "architecture": "tiny_gap_gemm",
+        **tiny_contract(with_other).to_metadata(),
         "metrics": {"note": "untrained test model: fixed weights, mean colour only"},
         "dataset_fingerprint": "none",
     }

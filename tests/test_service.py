@@ -44,7 +44,7 @@ def client(server: BentoServer) -> bentoml.SyncHTTPClient:
 @pytest.fixture(scope="module")
 def offline(tiny_model: TinyModel) -> OnnxClassifier:
     """The same ONNX file and metadata the server loaded, run in this process."""
-    return OnnxClassifier.from_files(tiny_model.onnx_path, tiny_model.metadata, tag=tiny_model.tag)
+    return OnnxClassifier.from_info(tiny_model.onnx_path, tiny_model.info)
 
 
 @pytest.fixture(scope="module")
