@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -55,6 +55,17 @@ class Preprocessing:
         return cls(image_size=int(data["image_size"]), resize_size=int(data["resize_size"]),
                    mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]),
                    jpeg_draft=jpeg_draft)
+
+
+class Normalization(Protocol):
+    """What `normalize_pixels` reads of a transform: the channel means and standard deviations (a model's
+    `Preprocessing`, or another network's own transform such as training's distillation teacher's)."""
+
+    @property
+    def mean(self) -> tuple[float, float, float]: ...
+
+    @property
+    def std(self) -> tuple[float, float, float]: ...
 
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom
@@ -124,7 +135,7 @@ def to_pixels(image: Image.Image, config: Preprocessing) -> np.ndarray:
     return np.asarray(resize_and_crop(image, config).convert("RGB"), dtype=np.uint8)
 
 
-def normalize_pixels(pixels: np.ndarray, config: Preprocessing) -> np.ndarray:
+def normalize_pixels(pixels: np.ndarray, config: Normalization) -> np.ndarray:
     """uint8 pixels (N, S, S, 3) -> normalised float32 model input (N, 3, S, S).
 
     A 256-entry table per channel holds (v / 255 - mean) / std computed in float32, so the result is
