@@ -4,9 +4,8 @@
 temperature, architecture): training writes it into the model's metadata (`to_metadata`) and evaluates the
 exported file with it, the service, bulk jobs and benchmarks read it back. `ModelInfo` is a stored model as the
 service sees it: its contract, its tag, and whatever else training recorded (metrics, dataset fingerprint, ...).
-`OnnxClassifier`
-runs the ONNX file and returns logits for a float32 [N, 3, H, W] batch (`logits`) or for uint8 pixels
-[N, H, W, 3] that it normalises itself (`logits_for_pixels`, what the service sends);
+`OnnxClassifier` runs the ONNX file and returns logits for a float32 [N, 3, H, W] batch (`logits`) or for uint8
+pixels [N, H, W, 3] that it normalises itself (`logits_for_pixels`, what the service sends);
 `predict(images, top_k, threshold)` chains preprocessing, logits and postprocessing for decoded images.
 A model exported with class-activation maps (`training/activation_maps.py`) has a second output,
 `activation_maps` [N, num_labels, h, w]; `can_explain` says so, and `logits_and_maps(_for_pixels)` fetch both
@@ -14,6 +13,8 @@ in one call. `logits` never asks ONNX Runtime for the maps, so a caller that doe
 
 Build it from files (training's evaluation of the exported model):
     OnnxClassifier.from_files("model.onnx", contract).logits(batch)
+from a stored model's file and `ModelInfo` (bulk jobs' actors):
+    OnnxClassifier.from_info("model.onnx", info)
 or from a BentoML model-store entry (the service):
     OnnxClassifier.from_bento_model(bentoml.models.get("room_classifier:latest"))
 
