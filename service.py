@@ -353,8 +353,8 @@ class RoomClassifier:
         if isinstance(data, Path):
             data = read_upload(data, self.image_limits.max_bytes)
         if explain:
-            return bytes_to_pixels_and_view(data, info.preprocessing, self.image_limits, jpeg_draft=CONFIG.jpeg_draft)
-        return bytes_to_pixels(data, info.preprocessing, self.image_limits, jpeg_draft=CONFIG.jpeg_draft), None
+            return bytes_to_pixels_and_view(data, info.preprocessing, self.image_limits)
+        return bytes_to_pixels(data, info.preprocessing, self.image_limits), None
 
     async def predict(self, pixels: np.ndarray, info: ModelInfo,
                       options: AnswerOptions) -> tuple[list[Prediction], np.ndarray | None]:

@@ -100,8 +100,8 @@ def classify_paths(paths: Sequence[str]) -> tuple[int, float]:
     info = classifier.info
     cpu_started = time.process_time()
     for start in range(0, len(paths), BATCH):
-        batch = np.stack([bytes_to_input(Path(path).read_bytes(), info.preprocessing, settings.limits,
-                                         jpeg_draft=settings.jpeg_draft) for path in paths[start:start + BATCH]])
+        batch = np.stack([bytes_to_input(Path(path).read_bytes(), info.preprocessing, settings.limits)
+                          for path in paths[start:start + BATCH]])
         postprocess(classifier.logits(batch), info.labels, info.temperature, len(info.labels), threshold)
     return len(paths), time.process_time() - cpu_started
 

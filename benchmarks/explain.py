@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from inference.config import KernelConfig
-from inference.model import OnnxClassifier
+from inference.model import ModelContract, OnnxClassifier
 from inference.postprocess import explained_labels, heatmap_grid, postprocess
 from inference.preprocess import Preprocessing, bytes_to_pixels, bytes_to_pixels_and_view
 from testkit.photos import DEFAULT_DATA, find_room_photos, write_jpegs
@@ -44,16 +44,16 @@ def file_classifier(path: Path) -> OnnxClassifier:
 
     outputs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_outputs()
     count = outputs[0].shape[1]
-    metadata = {"labels": [f"class_{i}" for i in range(count)], "preprocessing": Preprocessing().to_dict(),
-                "temperature": 1.0, "architecture": path.name}
-    return OnnxClassifier.from_files(path, metadata, tag=str(path), intra_op_threads=1)
+    contract = ModelContract(labels=tuple(f"class_{i}" for i in range(count)), preprocessing=Preprocessing(),
+                             temperature=1.0, architecture=path.name)
+    return OnnxClassifier.from_files(path, contract, tag=str(path), intra_op_threads=1)
 
 
 def time_off(classifier: OnnxClassifier, blob: bytes, config: KernelConfig) -> tuple[float, float]:
     """(model call, whole chain) seconds for one image without explain."""
     info = classifier.info
     started = time.perf_counter()
-    pixels = bytes_to_pixels(blob, info.preprocessing, config.image_limits(), config.jpeg_draft)[None]
+    pixels = bytes_to_pixels(blob, info.preprocessing, config.image_limits())[None]
     model_started = time.perf_counter()
     logits = classifier.logits_for_pixels(pixels)
     model_s = time.perf_counter() - model_started
@@ -65,7 +65,7 @@ def time_on(classifier: OnnxClassifier, blob: bytes, config: KernelConfig) -> tu
     """(model call, whole chain) seconds for one image with explain (two maps: threshold 1 makes it unsure)."""
     info = classifier.info
     started = time.perf_counter()
-    pixels, _ = bytes_to_pixels_and_view(blob, info.preprocessing, config.image_limits(), config.jpeg_draft)
+    pixels, _ = bytes_to_pixels_and_view(blob, info.preprocessing, config.image_limits())
     model_started = time.perf_counter()
     logits, maps = classifier.logits_and_maps_for_pixels(pixels[None])
     model_s = time.perf_counter() - model_started

@@ -48,6 +48,7 @@ def register_stand_in(arch: str, weights_dir: Path) -> str:
     import numpy as np
 
     from data_prep.common import CLASSES
+    from inference.model import ModelContract
     from inference.preprocess import Preprocessing
     from training.backbones import build_backbone, seed_hub_cache
     from training.export import export_onnx
@@ -61,8 +62,9 @@ def register_stand_in(arch: str, weights_dir: Path) -> str:
     with tempfile.TemporaryDirectory() as workdir:
         fp32 = export_onnx(model, Path(workdir) / "fp32.onnx", preprocessing.image_size)
         int8 = quantize_int8(fp32, Path(workdir) / "model.onnx", calibration)
-        metadata = {"labels": list(CLASSES), "preprocessing": preprocessing.to_dict(), "temperature": 1.0,
-                    "architecture": arch, "metrics": {"note": "stand-in for benchmarks.footprint: untrained head"},
+        contract = ModelContract(labels=tuple(CLASSES), preprocessing=preprocessing, temperature=1.0,
+                                 architecture=arch)
+        metadata = {**contract.to_metadata(), "metrics": {"note": "stand-in for benchmarks.footprint: untrained head"},
                     "dataset_fingerprint": "none"}
         return str(save_to_model_store(int8, metadata))
 

@@ -81,7 +81,7 @@ def bare_pipeline(model_tag: str, ort_threads: int):
     info = classifier.info
 
     def run_one(blob: bytes):
-        pixels = bytes_to_pixels(blob, info.preprocessing, config.image_limits(), jpeg_draft=config.jpeg_draft)
+        pixels = bytes_to_pixels(blob, info.preprocessing, config.image_limits())
         return postprocess(classifier.logits_for_pixels(pixels[None]), info.labels, info.temperature,
                            config.default_top_k, config.uncertain_threshold)
 

@@ -51,10 +51,10 @@ def read_model_bundle(tag: str) -> ModelBundle:
 def load_classifier(bundle: ModelBundle, intra_op_threads: int | None) -> OnnxClassifier:
     """An OnnxClassifier built exactly as the service builds it, from a private copy of the ONNX bytes.
 
-    `OnnxClassifier.from_files` wants a path; ONNX Runtime has read the file once the session exists, so the
+    `OnnxClassifier.from_info` wants a path; ONNX Runtime has read the file once the session exists, so the
     temporary copy is deleted right away.
     """
     with tempfile.TemporaryDirectory(prefix="bulk-model-") as folder:
         path = Path(folder) / ONNX_FILENAME
         path.write_bytes(bundle.onnx_bytes)
-        return OnnxClassifier.from_files(path, bundle.metadata, tag=bundle.tag, intra_op_threads=intra_op_threads)
+        return OnnxClassifier.from_info(path, bundle.info, intra_op_threads=intra_op_threads)

@@ -46,7 +46,6 @@ class LoadSettings:
     limits: ImageLimits
     url_policy: UrlPolicy
     url_fetch: bool
-    jpeg_draft: bool
     base_dir: str  # relative paths of a list file are read from here
     explain: bool = False  # also record each photo's crop box (for the heatmaps)
 
@@ -54,7 +53,7 @@ class LoadSettings:
     def from_config(cls, config: KernelConfig, info: ModelInfo, base_dir: Path,
                     explain: bool = False) -> "LoadSettings":
         return cls(preprocessing=info.preprocessing, limits=config.image_limits(), url_policy=config.url_policy(),
-                   url_fetch=config.url_fetch, jpeg_draft=config.jpeg_draft, base_dir=str(base_dir), explain=explain)
+                   url_fetch=config.url_fetch, base_dir=str(base_dir), explain=explain)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -64,7 +63,7 @@ class LoadSettings:
 def to_model_input(data: bytes, settings: LoadSettings) -> np.ndarray:
     """Untrusted image bytes -> uint8 pixels, the service's own decode + resize + crop in one call (4x fewer
     bytes through Ray's object store than float32; the model actor normalises them as the service does)."""
-    return bytes_to_pixels(data, settings.preprocessing, settings.limits, jpeg_draft=settings.jpeg_draft)
+    return bytes_to_pixels(data, settings.preprocessing, settings.limits)
 
 
 def is_url(text: str) -> bool:
@@ -105,7 +104,7 @@ def read_or_error(text: str, settings: LoadSettings) -> bytes | ServiceError:
 
 def model_input_and_box(data: bytes, settings: LoadSettings) -> tuple[np.ndarray, tuple[float, ...]]:
     """`to_model_input`, and the crop box of the model's view in the photo's pixels."""
-    pixels, view = bytes_to_pixels_and_view(data, settings.preprocessing, settings.limits, settings.jpeg_draft)
+    pixels, view = bytes_to_pixels_and_view(data, settings.preprocessing, settings.limits)
     return pixels, view.crop_box
 
 
@@ -156,8 +155,7 @@ def blank_model_input(settings: LoadSettings) -> np.ndarray:
     if settings not in _BLANKS:
         buffer = io.BytesIO()
         Image.new("RGB", (settings.preprocessing.resize_size,) * 2).save(buffer, "PNG")
-        _BLANKS[settings] = np.zeros_like(bytes_to_pixels(buffer.getvalue(), settings.preprocessing, settings.limits,
-                                                          settings.jpeg_draft))
+        _BLANKS[settings] = np.zeros_like(bytes_to_pixels(buffer.getvalue(), settings.preprocessing, settings.limits))
     return _BLANKS[settings]
 
 

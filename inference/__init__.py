@@ -3,8 +3,10 @@
 Nothing in this package imports torch: the service image holds ONNX Runtime, not the training stack.
 
 - `decode`: untrusted bytes -> RGB PIL image (`decode_image`), with size/pixel/format limits.
-- `preprocess`: RGB image -> normalised float32 CHW array (`preprocess`, `preprocess_batch`).
-- `model`: `OnnxClassifier` (from files or a BentoML model) and `ModelInfo` (the model's metadata).
+- `preprocess`: RGB image -> normalised float32 CHW array (`preprocess`, `preprocess_batch`), as the model's
+  `Preprocessing` says (reduced-scale JPEG decoding included).
+- `model`: `OnnxClassifier` (from files or a BentoML model), `ModelContract` (labels, preprocessing, temperature,
+  architecture: what training writes and everyone reads) and `ModelInfo` (a stored model: contract, tag, extras).
 - `postprocess`: `softmax(logits, temperature)` and per-image `Prediction`s.
 - `fetch`: SSRF-safe image download (`fetch_url`, `vet_url`, `UrlPolicy`).
 - `errors`: `InputError`/`ServiceError` with stable codes, and their HTTP statuses.

@@ -1,13 +1,15 @@
 """The kernel's settings: which model, what input it accepts, when an answer is uncertain.
 
 `KernelConfig` declares the `RC_*` settings that everything running the model shares (the service, bulk jobs,
-training's evaluation): decoder limits, reduced-scale JPEG decoding, the URL fetch policy, the model tag and the
-uncertainty threshold. The server's own settings (workers, batching, concurrency, timeouts, API keys) extend it
-in `serving.config.ServiceConfig`, so training and bulk never import the server.
+training's evaluation): decoder limits, the URL fetch policy, the model tag and the uncertainty threshold. None
+of them changes the pixels a model sees: that is the model's own preprocessing (`inference.preprocess.
+Preprocessing`, stored with it), so what was measured is what is served. The server's own settings (workers,
+batching, concurrency, timeouts, API keys) extend it in `serving.config.ServiceConfig`, so training and bulk
+never import the server.
 
 The variable for a field is `RC_` + the field name in upper case (`max_pixels` -> `RC_MAX_PIXELS`).
 `KernelConfig.from_env()` reads them; `KernelConfig()` is the declared defaults whatever the environment says.
-A bad value raises a ValueError naming the variable.
+A bad value raises a ValueError naming the variable, and so does a retired one (`RETIRED_VARIABLES`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ MIB = 1024 * 1024
 # pydantic-settings would read a list as JSON; RC_* lists are comma-separated (`split_commas` below)
 CommaList = Annotated[tuple[str, ...], NoDecode]
 Settings = TypeVar("Settings", bound="KernelConfig")
+# Variables that were settings once. Undeclared RC_* variables are ignored (a bulk job ignores RC_WORKERS), so
+# a deployment still setting one of these would silently not get what it asks for: `from_env` refuses them.
+RETIRED_VARIABLES = {
+    "RC_JPEG_DRAFT": "reduced-scale JPEG decoding changes the pixels the model sees, so it is now part of the "
+                     "model's preprocessing (`preprocessing.jpeg_draft` in its metadata, chosen at training and "
+                     "evaluated with the model); unset RC_JPEG_DRAFT",
+}
 
 
 class KernelConfig(BaseSettings):
@@ -43,8 +52,6 @@ class KernelConfig(BaseSettings):
     image_formats: CommaList = Field(("JPEG", "PNG", "WEBP", "GIF"), min_length=1,
                                      description="accepted formats (Pillow names, checked at start-up), "
                                                  "detected from content")
-    jpeg_draft: bool = Field(True, description="decode large JPEGs at 1/2-1/8 scale, never below the model's "
-                                               "resize size (~4x faster)")
     url_fetch: bool = Field(True, description="accept `image_url(s)` at all (false: uploads only)")
     url_allowlist: CommaList = Field((), description="hosts and CIDRs that may be private/loopback, e.g. "
                                                      "`images.internal,10.0.0.0/8`")
@@ -85,8 +92,9 @@ class KernelConfig(BaseSettings):
     def from_env(cls: type[Settings], environ: Mapping[str, str] | None = None) -> Settings:
         """Read `RC_*` variables from `environ` (default: os.environ); unset or blank ones keep their default.
         Variables of settings this class does not declare are left alone (a bulk job ignores RC_WORKERS).
-        Raises ValueError naming each bad variable and its value."""
+        Raises ValueError naming each bad variable and its value, or a retired one and why."""
         environ = os.environ if environ is None else environ
+        refuse_retired(environ)
         try:
             return cls(**EnvironSource(cls, environ)())
         except ValidationError as exc:
@@ -116,6 +124,14 @@ class EnvironSource(EnvSettingsSource):
     def _load_env_vars(self) -> Mapping[str, str | None]:
         return {key if self.case_sensitive else key.lower(): value.strip()
                 for key, value in self.environ.items() if value.strip()}
+
+
+def refuse_retired(environ: Mapping[str, str]) -> None:
+    """Raise ValueError for a set (non-blank) retired variable, saying what replaced it."""
+    found = [f"{key}={value!r}: {RETIRED_VARIABLES[key.upper()]}" for key, value in environ.items()
+             if key.upper() in RETIRED_VARIABLES and value.strip()]
+    if found:
+        raise ValueError("; ".join(found))
 
 
 def variable_name(field_name: str) -> str:

@@ -1,16 +1,20 @@
 """The exported classifier: ONNX Runtime session + the metadata that says how to use it.
 
-`ModelInfo` is the model's own description (labels in output order, preprocessing, softmax temperature,
-architecture, and whatever training recorded: metrics, dataset fingerprint, ...). `OnnxClassifier`
-runs the ONNX file and returns logits for a float32 [N, 3, H, W] batch (`logits`) or for uint8 pixels
-[N, H, W, 3] that it normalises itself (`logits_for_pixels`, what the service sends);
+`ModelContract` is how to run a model and read its outputs (labels in output order, preprocessing, softmax
+temperature, architecture): training writes it into the model's metadata (`to_metadata`) and evaluates the
+exported file with it, the service, bulk jobs and benchmarks read it back. `ModelInfo` is a stored model as the
+service sees it: its contract, its tag, and whatever else training recorded (metrics, dataset fingerprint, ...).
+`OnnxClassifier` runs the ONNX file and returns logits for a float32 [N, 3, H, W] batch (`logits`) or for uint8
+pixels [N, H, W, 3] that it normalises itself (`logits_for_pixels`, what the service sends);
 `predict(images, top_k, threshold)` chains preprocessing, logits and postprocessing for decoded images.
 A model exported with class-activation maps (`training/activation_maps.py`) has a second output,
 `activation_maps` [N, num_labels, h, w]; `can_explain` says so, and `logits_and_maps(_for_pixels)` fetch both
 in one call. `logits` never asks ONNX Runtime for the maps, so a caller that does not want them does not pay.
 
 Build it from files (training's evaluation of the exported model):
-    OnnxClassifier.from_files("model.onnx", metadata).logits(batch)
+    OnnxClassifier.from_files("model.onnx", contract).logits(batch)
+from a stored model's file and `ModelInfo` (bulk jobs' actors):
+    OnnxClassifier.from_info("model.onnx", info)
 or from a BentoML model-store entry (the service):
     OnnxClassifier.from_bento_model(bentoml.models.get("room_classifier:latest"))
 
@@ -21,7 +25,7 @@ runs one warm-up batch, so a corrupt or mismatched model fails at load time with
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -40,23 +44,33 @@ ONNX_FILENAME = "model.onnx"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 MAPS_OUTPUT_NAME = "activation_maps"  # optional second output: per-class activation maps [N, labels, h, w]
-CORE_KEYS = ("tag", "labels", "preprocessing", "temperature", "architecture")
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """What the service needs to know about a model, read from its metadata."""
+class ModelContract:
+    """How to run a model and read its outputs, defined once: training evaluates the exported file with it and
+    stores it (`to_metadata`), everyone who runs the model reads it back (`from_metadata`), so what was measured
+    is what is served. Checked when built: a contract no one could serve is never made."""
 
-    tag: str
-    labels: tuple[str, ...]
-    preprocessing: Preprocessing
-    temperature: float
+    labels: tuple[str, ...]  # in the model's output order
+    preprocessing: Preprocessing  # bytes -> model input, decoding included
+    temperature: float  # softmax temperature fitted on validation data
     architecture: str
-    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be at least two distinct names, got {list(self.labels)}")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The contract's part of the model-store metadata (JSON-safe; the keys are `CONTRACT_KEYS`)."""
+        return {"labels": list(self.labels), "preprocessing": self.preprocessing.to_dict(),
+                "temperature": self.temperature, "architecture": self.architecture}
 
     @classmethod
-    def from_metadata(cls, tag: str, metadata: Mapping[str, Any]) -> "ModelInfo":
-        """Validate the metadata the service relies on; raise ModelLoadError saying what is wrong."""
+    def from_metadata(cls, tag: str, metadata: Mapping[str, Any]) -> "ModelContract":
+        """Read and check the contract in model `tag`'s metadata; raise ModelLoadError saying what is wrong."""
         try:
             labels = tuple(str(label) for label in metadata["labels"])
             preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
@@ -64,18 +78,38 @@ class ModelInfo:
             architecture = str(metadata["architecture"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"model {tag}: metadata lacks or garbles {exc}") from None
-        if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise ModelLoadError(f"model {tag}: labels must be at least two distinct names, got {list(labels)}")
-        if not math.isfinite(temperature) or temperature <= 0:
-            raise ModelLoadError(f"model {tag}: temperature must be a positive number, got {temperature}")
+        try:
+            return ModelContract(labels, preprocessing, temperature, architecture)
+        except ValueError as exc:
+            raise ModelLoadError(f"model {tag}: {exc}") from None
+
+
+CONTRACT_KEYS = tuple(item.name for item in fields(ModelContract))  # what `to_metadata` writes
+CORE_KEYS = ("tag", *CONTRACT_KEYS)
+
+
+@dataclass(frozen=True)
+class ModelInfo(ModelContract):
+    """A stored model as the service sees it: its contract, its store tag, and `extras`, whatever else training
+    recorded (metrics, training config, dataset fingerprint, ...)."""
+
+    tag: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_metadata(cls, tag: str, metadata: Mapping[str, Any]) -> "ModelInfo":
+        """Validate the metadata the service relies on; raise ModelLoadError saying what is wrong."""
         extras = {key: value for key, value in metadata.items() if key not in CORE_KEYS}  # metrics, training, ...
-        return cls(tag=tag, labels=labels, preprocessing=preprocessing, temperature=temperature,
-                   architecture=architecture, extras=extras)
+        return cls.of(ModelContract.from_metadata(tag, metadata), tag, extras)
+
+    @classmethod
+    def of(cls, contract: ModelContract, tag: str, extras: Mapping[str, Any] | None = None) -> "ModelInfo":
+        """`contract` under store tag `tag`, with `extras`."""
+        return cls(**{name: getattr(contract, name) for name in CONTRACT_KEYS}, tag=tag, extras=dict(extras or {}))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe description (what /health shows and what the API service receives)."""
-        return {"tag": self.tag, "labels": list(self.labels), "preprocessing": self.preprocessing.to_dict(),
-                "temperature": self.temperature, "architecture": self.architecture, **self.extras}
+        return {"tag": self.tag, **self.to_metadata(), **self.extras}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelInfo":
@@ -93,15 +127,21 @@ class OnnxClassifier:
         warm_up(self)
 
     @classmethod
-    def from_files(cls, onnx_path: str | Path, metadata: Mapping[str, Any], tag: str = "local",
+    def from_files(cls, onnx_path: str | Path, contract: ModelContract, tag: str = "local",
                    intra_op_threads: int | None = None) -> "OnnxClassifier":
-        info = ModelInfo.from_metadata(tag, metadata)
-        return cls(create_session(Path(onnx_path), intra_op_threads, tag), info)
+        """The ONNX file run under `contract` (training's evaluation of its export, benchmarks, tests)."""
+        return cls.from_info(onnx_path, ModelInfo.of(contract, tag), intra_op_threads)
+
+    @classmethod
+    def from_info(cls, onnx_path: str | Path, info: ModelInfo, intra_op_threads: int | None = None
+                  ) -> "OnnxClassifier":
+        """The ONNX file of the stored model `info` describes (its tag and extras kept, for /health)."""
+        return cls(create_session(Path(onnx_path), intra_op_threads, info.tag), info)
 
     @classmethod
     def from_bento_model(cls, model: "bentoml.Model", intra_op_threads: int | None = None) -> "OnnxClassifier":
-        path = Path(model.path) / ONNX_FILENAME
-        return cls.from_files(path, model.info.metadata, tag=str(model.tag), intra_op_threads=intra_op_threads)
+        info = ModelInfo.from_metadata(str(model.tag), model.info.metadata)
+        return cls.from_info(Path(model.path) / ONNX_FILENAME, info, intra_op_threads)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, 3, S, S] -> float32 [N, num_labels]."""

@@ -11,8 +11,8 @@ model's metadata; the service rebuilds it from that metadata. So what was measur
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -26,21 +26,46 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class Preprocessing:
     """Resize the shorter side to `resize_size` (bilinear), centre-crop `image_size`, scale to [0, 1],
-    normalise with `mean`/`std`, lay out as CHW float32."""
+    normalise with `mean`/`std`, lay out as CHW float32.
+
+    `jpeg_draft`: decode a large JPEG at 1/2-1/8 scale, never below `resize_size` (~4x faster). It changes the
+    pixels the model sees, so it is the model's choice, evaluated with it, never a server setting."""
 
     image_size: int = 224
     resize_size: int = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    jpeg_draft: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std),
+        """JSON-safe. `jpeg_draft` is written only when false: every dict written before the field existed
+        meant true, and stays equal to what it is written as now (stored models, and the recipes in run
+        checkpoints that `--resume` and `training.compare` match by equality)."""
+        data = {"image_size": self.image_size, "resize_size": self.resize_size, "mean": list(self.mean),
+                "std": list(self.std),
                 "rule": "resize shorter side (bilinear), center crop, RGB /255, (x-mean)/std, NCHW float32"}
+        return data if self.jpeg_draft else {**data, "jpeg_draft": False}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+        """The inverse of `to_dict`; a dict without `jpeg_draft` (every model before it) reads as true."""
+        jpeg_draft = data.get("jpeg_draft", True)
+        if not isinstance(jpeg_draft, bool):
+            raise ValueError(f"preprocessing.jpeg_draft must be true or false, got {jpeg_draft!r}")
         return cls(image_size=int(data["image_size"]), resize_size=int(data["resize_size"]),
-                   mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]))
+                   mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]),
+                   jpeg_draft=jpeg_draft)
+
+
+class Normalization(Protocol):
+    """What `normalize_pixels` reads of a transform: the channel means and standard deviations (a model's
+    `Preprocessing`, or another network's own transform such as training's distillation teacher's)."""
+
+    @property
+    def mean(self) -> tuple[float, float, float]: ...
+
+    @property
+    def std(self) -> tuple[float, float, float]: ...
 
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom
@@ -110,7 +135,7 @@ def to_pixels(image: Image.Image, config: Preprocessing) -> np.ndarray:
     return np.asarray(resize_and_crop(image, config).convert("RGB"), dtype=np.uint8)
 
 
-def normalize_pixels(pixels: np.ndarray, config: Preprocessing) -> np.ndarray:
+def normalize_pixels(pixels: np.ndarray, config: Normalization) -> np.ndarray:
     """uint8 pixels (N, S, S, 3) -> normalised float32 model input (N, 3, S, S).
 
     A 256-entry table per channel holds (v / 255 - mean) / std computed in float32, so the result is
@@ -141,18 +166,24 @@ def preprocess_batch(images: Sequence[Image.Image], config: Preprocessing) -> np
         (0, 3, config.image_size, config.image_size), dtype=np.float32)
 
 
-def bytes_to_pixels(data: bytes, config: Preprocessing, limits: ImageLimits, jpeg_draft: bool) -> np.ndarray:
+def draft_min_size(config: Preprocessing) -> int | None:
+    """The decoder's `min_size`: decode large JPEGs at reduced scale down to `resize_size` when the model's
+    preprocessing says `jpeg_draft`, else (None) at full scale."""
+    return config.resize_size if config.jpeg_draft else None
+
+
+def bytes_to_pixels(data: bytes, config: Preprocessing, limits: ImageLimits) -> np.ndarray:
     """Untrusted image bytes -> uint8 pixels (S, S, 3), exactly as the service does it: the hardened
-    decoder (large JPEGs decoded at reduced scale, never below `resize_size`, when `jpeg_draft`), then
-    resize and centre crop. `normalize_pixels` makes the model input of them."""
-    min_size = config.resize_size if jpeg_draft else None
-    return to_pixels(decode_image(data, limits, min_size=min_size), config)
+    decoder (large JPEGs decoded at reduced scale, never below `resize_size`, when `config.jpeg_draft`), then
+    resize and centre crop. `limits` only refuse images, never change pixels. `normalize_pixels` makes the
+    model input of them."""
+    return to_pixels(decode_image(data, limits, min_size=draft_min_size(config)), config)
 
 
-def bytes_to_input(data: bytes, config: Preprocessing, limits: ImageLimits, jpeg_draft: bool) -> np.ndarray:
+def bytes_to_input(data: bytes, config: Preprocessing, limits: ImageLimits) -> np.ndarray:
     """Untrusted image bytes -> normalised float32 model input (3, S, S): `bytes_to_pixels`, then
     `normalize_pixels` (what the service's model process does to the pixels it receives)."""
-    return normalize_pixels(bytes_to_pixels(data, config, limits, jpeg_draft)[None], config)[0]
+    return normalize_pixels(bytes_to_pixels(data, config, limits)[None], config)[0]
 
 
 @dataclass(frozen=True)
@@ -164,11 +195,10 @@ class PhotoView:
     size: tuple[int, int]
 
 
-def bytes_to_pixels_and_view(data: bytes, config: Preprocessing, limits: ImageLimits, jpeg_draft: bool
+def bytes_to_pixels_and_view(data: bytes, config: Preprocessing, limits: ImageLimits
                              ) -> tuple[np.ndarray, PhotoView]:
     """`bytes_to_pixels` (the same pixels), and where they lie on the original photo (for heatmaps)."""
-    min_size = config.resize_size if jpeg_draft else None
-    image, full_size = decode_image_sized(data, limits, min_size=min_size)
+    image, full_size = decode_image_sized(data, limits, min_size=draft_min_size(config))
     left, top, right, bottom = crop_box(*image.size, config)
     scale_x, scale_y = full_size[0] / image.width, full_size[1] / image.height  # a reduced-scale JPEG decode
     box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)

@@ -1,7 +1,7 @@
 """Service configuration: every `RC_*` setting declared once, typed, with its bounds and what it means.
 
 `ServiceConfig` is that declaration (pydantic-settings): the kernel's settings (`inference.config.KernelConfig`:
-model tag, decoder limits, JPEG draft decoding, URL policy, threshold) and the server's own (workers, threads,
+model tag, decoder limits, URL policy, threshold) and the server's own (workers, threads,
 batching, concurrency, timeouts, API keys). The variable for a field is `RC_` + the field name in upper case
 (`max_batch_size` -> `RC_MAX_BATCH_SIZE`). `ServiceConfig.from_env()` reads them (the service);
 `ServiceConfig()` is the declared defaults whatever the environment says (tests, benchmarks). A bad value stops

@@ -17,9 +17,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testkit.server import REPO_ROOT
+
+if TYPE_CHECKING:
+    from inference.model import ModelInfo
 
 MODEL_NAME = "room_classifier"
 
@@ -33,6 +36,13 @@ class TinyModel:
     onnx_path: Path
     metadata: dict[str, Any]
 
+    @property
+    def info(self) -> "ModelInfo":
+        """Its metadata read as the service reads it (imported here: onnxruntime is not needed to register)."""
+        from inference.model import ModelInfo
+
+        return ModelInfo.from_metadata(self.tag, self.metadata)
+
 
 def run_with_home(home: Path | str, args: list[str], timeout_s: float | None = None) -> str:
     """Run `python args...` from the repo root with BENTOML_HOME=home; return stdout, raise with stderr."""
@@ -44,12 +54,13 @@ def run_with_home(home: Path | str, args: list[str], timeout_s: float | None = N
     return result.stdout
 
 
-def register_tiny_model_in(home: Path | str, with_other: bool = False, explainable: bool = False) -> TinyModel:
+def register_tiny_model_in(home: Path | str, with_other: bool = False, explainable: bool = False,
+                           jpeg_draft: bool = True) -> TinyModel:
     """Save the tiny test model into `home` (from a subprocess: this process's bentoml config is untouched);
     `with_other`: the five-label variant that answers `other` for white images; `explainable`: the variant with
-    activation maps."""
+    activation maps; `jpeg_draft=False`: a preprocessing that decodes large JPEGs at full scale."""
     args = (["-m", "testkit.tiny_model", "--json"] + (["--with-other"] if with_other else [])
-            + (["--explainable"] if explainable else []))
+            + (["--explainable"] if explainable else []) + ([] if jpeg_draft else ["--no-jpeg-draft"]))
     data = json.loads(run_with_home(home, args, timeout_s=120).strip().splitlines()[-1])
     return TinyModel(home=Path(home), tag=data["tag"], onnx_path=Path(data["path"]) / "model.onnx",
                      metadata=data["metadata"])

@@ -17,6 +17,7 @@ The plain one has no feature map, so it is the model that cannot explain.
     BENTOML_HOME=/tmp/bm python -m testkit.tiny_model          # prints the tag
     BENTOML_HOME=/tmp/bm python -m testkit.tiny_model --json   # tag, model directory and metadata
     BENTOML_HOME=/tmp/bm python -m testkit.tiny_model --explainable
+    BENTOML_HOME=/tmp/bm python -m testkit.tiny_model --no-jpeg-draft   # large JPEGs decoded at full scale
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from data_prep.common import CLASSES, OTHER
+from inference.model import ModelContract
 from inference.preprocess import Preprocessing
 
 TINY_LABELS = list(CLASSES)
@@ -86,25 +88,31 @@ def build_tiny_onnx(path: Path, with_other: bool = False, explainable: bool = Fa
     return path
 
 
-def tiny_metadata(with_other: bool = False) -> dict[str, Any]:
-    """Metadata shaped like real training's, so the service reads it the same way."""
+def tiny_contract(with_other: bool = False, jpeg_draft: bool = True) -> ModelContract:
+    """The tiny model's contract, as training builds a real one."""
+    return ModelContract(labels=tuple(tiny_labels(with_other)),
+                         preprocessing=Preprocessing(image_size=IMAGE_SIZE, jpeg_draft=jpeg_draft),
+                         temperature=TINY_TEMPERATURE, architecture="tiny_gap_gemm")
+
+
+def tiny_metadata(with_other: bool = False, jpeg_draft: bool = True) -> dict[str, Any]:
+    """Metadata shaped like real training's (the contract, then what training records), so the service reads
+    it the same way."""
     return {
-        "labels": tiny_labels(with_other),
-        "preprocessing": Preprocessing(image_size=IMAGE_SIZE).to_dict(),
-        "temperature": TINY_TEMPERATURE,
-        "architecture": "tiny_gap_gemm",
+        **tiny_contract(with_other, jpeg_draft).to_metadata(),
         "metrics": {"note": "untrained test model: fixed weights, mean colour only"},
         "dataset_fingerprint": "none",
     }
 
 
-def register_tiny_model(with_other: bool = False, explainable: bool = False):  # -> bentoml.Tag
+def register_tiny_model(with_other: bool = False, explainable: bool = False,
+                        jpeg_draft: bool = True):  # -> bentoml.Tag
     """Save the tiny model as `room_classifier` in the current BentoML home; return its tag."""
     from training.register import save_to_model_store  # imports bentoml: keep it out of module import
 
     with tempfile.TemporaryDirectory() as workdir:
         onnx_path = build_tiny_onnx(Path(workdir) / "model.onnx", with_other, explainable)
-        return save_to_model_store(onnx_path, tiny_metadata(with_other))
+        return save_to_model_store(onnx_path, tiny_metadata(with_other, jpeg_draft))
 
 
 def main() -> None:
@@ -112,8 +120,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print tag, model directory and metadata as JSON")
     parser.add_argument("--with-other", action="store_true", help=f"a fifth label, {OTHER!r}, for white images")
     parser.add_argument("--explainable", action="store_true", help="the variant with activation maps")
+    parser.add_argument("--no-jpeg-draft", action="store_true",
+                        help="preprocessing that decodes large JPEGs at full scale (jpeg_draft false)")
     args = parser.parse_args()
-    tag = register_tiny_model(args.with_other, args.explainable)
+    tag = register_tiny_model(args.with_other, args.explainable, jpeg_draft=not args.no_jpeg_draft)
     if not args.json:
         print(tag)
         return

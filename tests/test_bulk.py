@@ -506,7 +506,7 @@ def test_two_thousand_real_photos_on_the_cluster_match_the_offline_model(ray_clu
     summary = run_bulk(bulk_command(source, out, "--address", ray_cluster.address), job_env(tiny_model))
     rows = read_results(out)
     assert summary["ok"] == len(photos) and [row["input"] for row in rows] == photos
-    offline = OnnxClassifier.from_files(tiny_model.onnx_path, tiny_model.metadata, tag=tiny_model.tag)
+    offline = OnnxClassifier.from_info(tiny_model.onnx_path, tiny_model.info)
     settings = KernelConfig.from_env(RC_SETTINGS)  # what the job read
     limits = settings.image_limits()
     for row in rows[::40]:  # 50 spread over the run, through the offline reference path

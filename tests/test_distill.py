@@ -124,6 +124,26 @@ def test_missing_teacher_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_the_teacher_transform_squashes_and_keeps_its_cache_key() -> None:
+    """The teacher sees the whole photo squashed to 256x256 (not the student's shorter-side resize), and the
+    soft-target cache's key text for it is the one every cached teacher output was written under."""
+    import hashlib
+
+    from PIL import Image
+
+    from inference.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, preprocess
+    from training.teacher import TEACHER_TRANSFORM, teacher_preprocess
+
+    assert hashlib.sha256(TEACHER_TRANSFORM.cache_key_text().encode()).hexdigest() == (
+        "d39be917d13348dfd403b5edf1a65253b184dddb8b797c60a8f31bd66523fe05")  # changed: every cached output is lost
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    squashed = np.asarray(image.resize((256, 256), Image.BILINEAR).crop((16, 16, 240, 240)), dtype=np.float32)
+    expected = ((squashed / 255.0 - np.asarray(IMAGENET_MEAN, dtype=np.float32))
+                / np.asarray(IMAGENET_STD, dtype=np.float32)).transpose(2, 0, 1)
+    assert np.array_equal(teacher_preprocess(image), expected)
+    assert not np.array_equal(teacher_preprocess(image), preprocess(image, Preprocessing()))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The soft-target cache
 

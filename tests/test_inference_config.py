@@ -74,7 +74,17 @@ def test_the_kernel_reads_its_own_variables_and_leaves_the_servers_alone() -> No
 @pytest.mark.parametrize("spelling, value", [("1", True), ("yes", True), ("ON", True), ("true", True),
                                              ("0", False), ("no", False), ("off", False), ("False", False)])
 def test_booleans_read_the_usual_spellings(spelling: str, value: bool) -> None:
-    assert ServiceConfig.from_env({"RC_JPEG_DRAFT": spelling}).jpeg_draft is value
+    assert ServiceConfig.from_env({"RC_URL_FETCH": spelling}).url_fetch is value
+
+
+@pytest.mark.parametrize("config_class", [KernelConfig, ServiceConfig])
+def test_rc_jpeg_draft_is_refused_saying_it_is_the_models_preprocessing_now(config_class: type[KernelConfig]) -> None:
+    """A server setting must not change the pixels a model sees; a deployment still setting it learns why."""
+    assert "jpeg_draft" not in config_class.model_fields
+    for name in ("RC_JPEG_DRAFT", "rc_jpeg_draft"):
+        with pytest.raises(ValueError, match=rf"{name}='false': .*part of the model's preprocessing"):
+            config_class.from_env({name: "false", "RC_WORKERS": "2"})
+    assert config_class.from_env({"RC_JPEG_DRAFT": " "}).max_pixels == 40_000_000  # blank is unset, as everywhere
 
 
 def test_blank_values_keep_the_default_and_values_are_stripped() -> None:

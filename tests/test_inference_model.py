@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +10,11 @@ import pytest
 from PIL import Image
 
 from inference.errors import ModelLoadError
-from inference.model import ModelInfo, OnnxClassifier
+from inference.model import CONTRACT_KEYS, ModelContract, ModelInfo, OnnxClassifier
 from inference.postprocess import postprocess, softmax
 from inference.preprocess import Preprocessing, preprocess_batch
 from serving.config import ServiceConfig
-from testkit.tiny_model import TINY_BIAS, TINY_LABELS, TINY_WEIGHTS, build_tiny_onnx, tiny_metadata
+from testkit.tiny_model import TINY_BIAS, TINY_LABELS, TINY_WEIGHTS, build_tiny_onnx, tiny_contract, tiny_metadata
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_onnx_logits_match_the_graph_computed_by_hand(tiny_onnx: Path) -> None:
-    classifier = OnnxClassifier.from_files(tiny_onnx, tiny_metadata(), intra_op_threads=1)
+    classifier = OnnxClassifier.from_files(tiny_onnx, tiny_contract(), intra_op_threads=1)
     batch = np.random.default_rng(0).normal(size=(5, 3, 224, 224)).astype(np.float32)
     expected = batch.mean(axis=(2, 3)) @ TINY_WEIGHTS.T + TINY_BIAS
     np.testing.assert_allclose(classifier.logits(batch), expected, rtol=1e-4, atol=1e-4)
@@ -30,7 +31,7 @@ def test_onnx_logits_match_the_graph_computed_by_hand(tiny_onnx: Path) -> None:
 
 
 def test_plain_colours_land_on_different_classes(tiny_onnx: Path) -> None:
-    classifier = OnnxClassifier.from_files(tiny_onnx, tiny_metadata())
+    classifier = OnnxClassifier.from_files(tiny_onnx, tiny_contract())
     colours = {"bedroom": (255, 0, 0), "kitchen": (0, 255, 0), "bathroom": (0, 0, 255), "living_room": (0, 0, 0)}
     defaults = ServiceConfig()
     predictions = classifier.predict([Image.new("RGB", (300, 200), colour) for colour in colours.values()],
@@ -42,18 +43,18 @@ def test_corrupt_or_missing_model_files_fail_at_load(tmp_path: Path, tiny_onnx: 
     garbage = tmp_path / "model.onnx"
     garbage.write_bytes(b"\x08\x07this is not a protobuf" * 50)
     with pytest.raises(ModelLoadError, match="cannot load"):
-        OnnxClassifier.from_files(garbage, tiny_metadata())
+        OnnxClassifier.from_files(garbage, tiny_contract())
     with pytest.raises(ModelLoadError, match="does not exist"):
-        OnnxClassifier.from_files(tmp_path / "missing.onnx", tiny_metadata())
+        OnnxClassifier.from_files(tmp_path / "missing.onnx", tiny_contract())
     half = tmp_path / "half.onnx"
     half.write_bytes(tiny_onnx.read_bytes()[:200])
     with pytest.raises(ModelLoadError):
-        OnnxClassifier.from_files(half, tiny_metadata())
+        OnnxClassifier.from_files(half, tiny_contract())
 
 
 def test_metadata_that_does_not_fit_the_model_fails_at_load(tiny_onnx: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not fit 3 labels"):
-        OnnxClassifier.from_files(tiny_onnx, {**tiny_metadata(), "labels": ["a", "b", "c"]})
+        OnnxClassifier.from_files(tiny_onnx, replace(tiny_contract(), labels=("a", "b", "c")))
     for broken in ({"labels": ["a", "a", "b", "c"]}, {"temperature": 0}, {"temperature": "warm"},
                    {"preprocessing": {"image_size": 224}}):
         with pytest.raises(ModelLoadError):
@@ -69,6 +70,21 @@ def test_model_info_round_trips_through_json_shape() -> None:
     again = ModelInfo.from_dict(info.to_dict())
     assert again == info and again.preprocessing == Preprocessing(image_size=224)
     assert info.to_dict()["metrics"] == tiny_metadata()["metrics"]
+
+
+def test_the_contract_is_written_and_read_back_as_one_typed_object() -> None:
+    """What training writes (`to_metadata`) is the contract's part of a stored model's metadata, and reading a
+    stored model gives the same contract back (a ModelInfo is that contract plus tag and extras)."""
+    stored = tiny_metadata()
+    contract = tiny_contract()
+    assert contract.to_metadata() == {key: stored[key] for key in CONTRACT_KEYS}
+    info = ModelInfo.from_metadata("room_classifier:v1", stored)
+    assert ModelContract.from_metadata("room_classifier:v1", stored) == contract
+    assert info.to_metadata() == contract.to_metadata() and info.to_dict() == {"tag": "room_classifier:v1", **stored}
+    with pytest.raises(ValueError, match="at least two distinct names"):
+        replace(contract, labels=("bedroom", "bedroom"))
+    with pytest.raises(ValueError, match="positive number"):
+        replace(contract, temperature=0.0)
 
 
 def test_softmax_is_temperature_scaled_and_sums_to_one() -> None:
@@ -97,7 +113,7 @@ def test_postprocess_sorts_clamps_top_k_and_flags_uncertainty() -> None:
 def test_preprocess_output_feeds_the_model(tiny_onnx: Path) -> None:
     batch = preprocess_batch([Image.new("RGB", (640, 480)), Image.new("RGB", (1, 1))], Preprocessing())
     assert batch.shape == (2, 3, 224, 224) and batch.dtype == np.float32
-    assert OnnxClassifier.from_files(tiny_onnx, tiny_metadata()).logits(batch).shape == (2, 4)
+    assert OnnxClassifier.from_files(tiny_onnx, tiny_contract()).logits(batch).shape == (2, 4)
 
 
 def test_config_defaults_and_environment() -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from inference.decode import ImageLimits, decode_image
 from inference.preprocess import (
     Preprocessing,
+    bytes_to_pixels,
     normalize_pixels,
     preprocess,
     preprocess_batch,
@@ -55,6 +59,30 @@ def test_preprocessing_round_trips_through_model_metadata() -> None:
     config = Preprocessing(image_size=192, resize_size=220)
     assert Preprocessing.from_dict(config.to_dict()) == config
     assert preprocess_batch([], config).shape == (0, 3, 192, 192)
+
+
+def test_jpeg_draft_round_trips_and_a_dict_without_it_is_every_earlier_model() -> None:
+    """Every model stored before `jpeg_draft` existed was evaluated with it on: its dict reads as on, and the
+    default's dict is still exactly that dict (recipes in run checkpoints are matched by equality)."""
+    earlier = {"image_size": 224, "resize_size": 256, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+               "rule": "resize shorter side (bilinear), center crop, RGB /255, (x-mean)/std, NCHW float32"}
+    assert Preprocessing.from_dict(earlier) == Preprocessing() and Preprocessing().jpeg_draft
+    assert Preprocessing().to_dict() == earlier
+    off = Preprocessing(jpeg_draft=False)
+    assert off.to_dict()["jpeg_draft"] is False and Preprocessing.from_dict(off.to_dict()) == off
+    with pytest.raises(ValueError, match="jpeg_draft must be true or false"):
+        Preprocessing.from_dict({**earlier, "jpeg_draft": "false"})
+
+
+def test_the_preprocessing_alone_says_whether_a_large_jpeg_is_decoded_at_reduced_scale() -> None:
+    buffer = io.BytesIO()
+    photo_like(1600, 1200).save(buffer, "JPEG", quality=90)
+    data, limits = buffer.getvalue(), ImageLimits(max_bytes=1 << 24, max_pixels=1 << 24, formats=("JPEG",))
+    draft = bytes_to_pixels(data, Preprocessing(), limits)
+    full = bytes_to_pixels(data, Preprocessing(jpeg_draft=False), limits)
+    assert np.array_equal(draft, to_pixels(decode_image(data, limits, min_size=256), Preprocessing()))
+    assert np.array_equal(full, to_pixels(decode_image(data, limits), Preprocessing()))
+    assert not np.array_equal(draft, full)
 
 
 def test_normalize_pixels_is_exactly_the_float_arithmetic() -> None:

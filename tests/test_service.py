@@ -23,6 +23,7 @@ from PIL import Image
 
 from inference.decode import decode_image
 from inference.model import OnnxClassifier
+from inference.preprocess import draft_min_size
 from serving.config import ServiceConfig
 from testkit.image_host import ImageHost
 from testkit.images import encode, noisy_image, solid_jpeg, write_solid_jpegs
@@ -43,7 +44,7 @@ def client(server: BentoServer) -> bentoml.SyncHTTPClient:
 @pytest.fixture(scope="module")
 def offline(tiny_model: TinyModel) -> OnnxClassifier:
     """The same ONNX file and metadata the server loaded, run in this process."""
-    return OnnxClassifier.from_files(tiny_model.onnx_path, tiny_model.metadata, tag=tiny_model.tag)
+    return OnnxClassifier.from_info(tiny_model.onnx_path, tiny_model.info)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files = write_solid_jpegs(folder, COLOURS)
     for photo in real_photos(per_class=1):
         files[photo.stem] = photo
-    files["large"] = folder / "large.jpg"  # decoded at reduced scale by the service (RC_JPEG_DRAFT)
+    files["large"] = folder / "large.jpg"  # decoded at reduced scale (the model's jpeg_draft)
     files["large"].write_bytes(encode(noisy_image((1600, 1200), seed=3), "JPEG", quality=90))
     return files
 
@@ -61,7 +62,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def expected(offline: OnnxClassifier, data: bytes, top_k: int = SETTINGS.default_top_k,
              threshold: float = SETTINGS.uncertain_threshold) -> dict[str, Any]:
     """The answer the API must give (its JSON field names), computed offline."""
-    image = decode_image(data, SETTINGS.image_limits(), min_size=offline.info.preprocessing.resize_size)
+    image = decode_image(data, SETTINGS.image_limits(), min_size=draft_min_size(offline.info.preprocessing))
     prediction = offline.predict([image], top_k, threshold)[0]
     return {"class": prediction.label, "confidence": prediction.confidence, "probabilities": prediction.probabilities,
             "top_k": prediction.top_k, "uncertain": prediction.uncertain, "model": offline.info.tag}

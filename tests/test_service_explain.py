@@ -80,8 +80,8 @@ def test_the_view_is_measured_on_the_photo_as_displayed_at_full_scale(orientatio
     exif[0x0112] = orientation
     data = encode(Image.new("RGB", (1600, 1200), (90, 120, 150)), "JPEG", exif=exif.tobytes(), quality=90)
     limits = KernelConfig.from_env({}).image_limits()
-    pixels, view = bytes_to_pixels_and_view(data, Preprocessing(), limits, jpeg_draft=draft)
-    assert np.array_equal(pixels, bytes_to_pixels(data, Preprocessing(), limits, jpeg_draft=draft))
+    pixels, view = bytes_to_pixels_and_view(data, Preprocessing(jpeg_draft=draft), limits)
+    assert np.array_equal(pixels, bytes_to_pixels(data, Preprocessing(jpeg_draft=draft), limits))
     shown = (1600, 1200) if orientation == 1 else (1200, 1600)
     assert view.size == shown
     assert view.crop_box == pytest.approx(crop_box(*shown, Preprocessing()))

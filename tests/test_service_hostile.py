@@ -132,7 +132,7 @@ def test_unusual_but_valid_images_are_classified_like_offline(client: bentoml.Sy
     path = tmp_path / name
     path.write_bytes(data)
     answer = client.classify(image=path)
-    offline = OnnxClassifier.from_files(tiny_model.onnx_path, tiny_model.metadata)
+    offline = OnnxClassifier.from_info(tiny_model.onnx_path, tiny_model.info)
     settings = ServiceConfig.from_env({"RC_MAX_PIXELS": "30000000"})  # the test server's decoder limit
     image = decode_image(data, settings.image_limits(), min_size=offline.info.preprocessing.resize_size)
     reference = offline.predict([image], settings.default_top_k, settings.uncertain_threshold)[0]

@@ -192,6 +192,20 @@ def test_register_needs_no_dataset(trained: dict) -> None:
     assert len(tags) == 2 and registered in tags
 
 
+def test_the_stored_contract_is_what_training_stored_before_it_was_typed() -> None:
+    """Training builds the store's metadata from `ModelContract`: the same keys and values as the dict it used to
+    copy from the checkpoint, so models registered before and after read alike."""
+    from inference.preprocess import Preprocessing
+    from training.pipeline import model_contract
+
+    for preprocessing in (Preprocessing(), Preprocessing(image_size=160, resize_size=183)):
+        recipe = {"arch": "mobilenet_v3_small", "preprocessing": preprocessing.to_dict(), "seed": 1337}
+        checkpoint = {"labels": list(CLASSES), "recipe": json.loads(json.dumps(recipe))}  # as a checkpoint holds it
+        before = {"labels": checkpoint["labels"], "preprocessing": recipe["preprocessing"], "temperature": 1.7,
+                  "architecture": "mobilenet_v3_small"}
+        assert json.dumps(model_contract(checkpoint, 1.7).to_metadata()) == json.dumps(before)
+
+
 def test_average_states_is_the_uniform_mean_and_keeps_integer_buffers() -> None:
     from training.recipe import average_states
 

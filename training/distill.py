@@ -32,7 +32,7 @@ from training.soft_targets import (  # noqa: E402
     teacher_key,
     teacher_scene_logits,
 )
-from training.teacher import TEACHER_PREPROCESSING, Places365Teacher, load_teacher, scene_names  # noqa: E402
+from training.teacher import TEACHER_TRANSFORM, Places365Teacher, load_teacher, scene_names  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 AUDIT_CONFIDENCE = 0.9  # the teacher's probability (over our four rooms) for a class other than the label
@@ -201,7 +201,7 @@ def teacher_latency(teacher: Places365Teacher, out_dir: Path) -> tuple[dict[str,
     from training.export import export_onnx
     from training.latency import measure_latency_ms
 
-    size = TEACHER_PREPROCESSING.image_size
+    size = TEACHER_TRANSFORM.image_size
     started = time.perf_counter()
     path = export_onnx(teacher.cpu().eval(), out_dir / "teacher.onnx", size)
     print(f"exported the teacher to {path} in {time.perf_counter() - started:.0f} s")

@@ -33,13 +33,13 @@ from training.openset import (  # noqa: E402
 )
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
-SERVICE_DEFAULTS = KernelConfig()  # the service's default settings: decoder limits, JPEG draft decoding
+SERVICE_DEFAULTS = KernelConfig()  # the service's default settings: decoder limits
 
 
 def load_input(sample: Sample, config: Preprocessing) -> np.ndarray:
-    """Exactly what the service does with an uploaded file (default settings): decode the bytes, preprocess."""
-    return bytes_to_input(sample.path.read_bytes(), config, SERVICE_DEFAULTS.image_limits(),
-                          SERVICE_DEFAULTS.jpeg_draft)
+    """Exactly what the service does with an uploaded file (default settings): decode the bytes (at reduced
+    scale when the model's `config.jpeg_draft` says so), preprocess."""
+    return bytes_to_input(sample.path.read_bytes(), config, SERVICE_DEFAULTS.image_limits())
 
 
 def load_shrunk_input(sample: Sample, config: Preprocessing) -> np.ndarray:

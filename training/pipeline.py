@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.model import INPUT_NAME, OUTPUT_NAME, OnnxClassifier
+from inference.model import INPUT_NAME, OUTPUT_NAME, ModelContract, OnnxClassifier
 from inference.preprocess import Preprocessing, preprocess_batch
 from training.backbones import StemTail, build_stem_tail
 from training.data import dataset_fingerprint, discover_labels, list_samples, load_rgb
@@ -63,7 +63,7 @@ def calibration_batch(data: Path, labels: list[str], config: Preprocessing, per_
 
 def export_step(data: Path, run_dir: Path) -> dict[str, Any]:
     model, checkpoint = load_trained(run_dir)
-    config = Preprocessing.from_dict(checkpoint["recipe"]["preprocessing"])
+    config = model_contract(checkpoint).preprocessing
     path = export_onnx(model, run_dir / "model.onnx", config.image_size)
     difference = max_logit_difference(model, path, calibration_batch(data, checkpoint["labels"], config, 4))
     print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB), max |torch - onnx| logit difference {difference:.2e}")
@@ -74,18 +74,22 @@ def export_step(data: Path, run_dir: Path) -> dict[str, Any]:
     return info
 
 
-def base_metadata(checkpoint: dict[str, Any], temperature: float = 1.0) -> dict[str, Any]:
+def model_contract(checkpoint: dict[str, Any], temperature: float = 1.0) -> ModelContract:
+    """The trained run's contract: its export is evaluated with it (temperature 1 until calibration fits one)
+    and the model store gets it, so what was measured is what is served."""
     recipe = checkpoint["recipe"]
-    return {"labels": checkpoint["labels"], "preprocessing": recipe["preprocessing"], "temperature": temperature,
-            "architecture": recipe["arch"]}
+    return ModelContract(labels=tuple(checkpoint["labels"]),
+                         preprocessing=Preprocessing.from_dict(recipe["preprocessing"]),
+                         temperature=temperature, architecture=recipe["arch"])
 
 
 def evaluate_model(onnx_path: Path, data: Path, checkpoint: dict[str, Any], out_dir: Path,
                    extra: dict[str, Any]) -> dict[str, Any]:
     """Score one ONNX file through the service's own classifier code; write its report."""
     labels = checkpoint["labels"]
-    config = Preprocessing.from_dict(checkpoint["recipe"]["preprocessing"])
-    classifier = OnnxClassifier.from_files(onnx_path, base_metadata(checkpoint))
+    contract = model_contract(checkpoint)
+    config = contract.preprocessing
+    classifier = OnnxClassifier.from_files(onnx_path, contract)
     train_scenes = other_scenes_of(list_samples(data, "train", labels), labels)
     report = evaluate(classifier.logits, list_samples(data, "val", labels), list_samples(data, "test", labels),
                       labels, config, train_scenes, out_dir / "logits.npz")
@@ -112,7 +116,7 @@ def evaluate_step(data: Path, run_dir: Path, int8: bool = False) -> dict[str, An
     fp32 = evaluate_model(run_dir / "model.onnx", data, checkpoint, run_dir / "report", {**extra, "precision": "fp32"})
     chosen = {"precision": "fp32", "path": str(run_dir / "model.onnx"), "report": fp32}
     if int8:
-        config = Preprocessing.from_dict(checkpoint["recipe"]["preprocessing"])
+        config = model_contract(checkpoint).preprocessing
         int8_path = quantize_int8(run_dir / "model.onnx", run_dir / "model.int8.onnx",
                                   calibration_batch(data, checkpoint["labels"], config, 64))
         quantized = evaluate_model(int8_path, data, checkpoint, run_dir / "report_int8", {**extra, "precision": "int8"})
@@ -139,8 +143,8 @@ def register_step(run_dir: Path, model_name: str = MODEL_NAME) -> str:
     chosen = json.loads((run_dir / "chosen.json").read_text())
     report_dir = Path(chosen["path"]).parent / ("report_int8" if chosen["precision"] == "int8" else "report")
     report = json.loads((report_dir / "report.json").read_text())
-    metadata = base_metadata(checkpoint, report["temperature"])
-    metadata.update({
+    metadata = {
+        **model_contract(checkpoint, report["temperature"]).to_metadata(),
         "precision": chosen["precision"],
         "metrics": {"test": headline(report, "test"), "val": headline(report, "val"),
                     "test_by_source": report["test_by_source"], "latency_ms": report["latency"]},
@@ -149,7 +153,7 @@ def register_step(run_dir: Path, model_name: str = MODEL_NAME) -> str:
         "dataset_fingerprint": checkpoint["dataset_fingerprint"],
         "onnx": {"input": INPUT_NAME, "output": OUTPUT_NAME, "opset": chosen["export"]["opset"],
                  "max_logit_difference_vs_torch": chosen["export"]["max_logit_difference"]},
-    })
+    }
     if checkpoint["history"].get("other_operating_point"):
         metadata["other_operating_point"] = checkpoint["history"]["other_operating_point"]
     tag = save_to_model_store(Path(chosen["path"]), metadata, model_name)

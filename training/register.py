@@ -12,18 +12,19 @@ from typing import Any
 import bentoml
 import onnx
 
-from inference.model import CORE_KEYS, MAPS_OUTPUT_NAME, ONNX_FILENAME
+from inference.model import CONTRACT_KEYS, MAPS_OUTPUT_NAME, ONNX_FILENAME
 
 MODEL_NAME = "room_classifier"
-REQUIRED_METADATA = tuple(key for key in CORE_KEYS if key != "tag")  # the tag is the store's own
+REQUIRED_METADATA = CONTRACT_KEYS  # `inference.model.ModelContract.to_metadata`; the tag is the store's own
 
 
 def save_to_model_store(onnx_path: Path, metadata: dict[str, Any], name: str = MODEL_NAME) -> bentoml.Tag:
     """Copy `onnx_path` into a new model-store version of `name` with `metadata`; return its tag.
 
-    The metadata must carry what the service needs to serve the file correctly: labels in output order,
-    the preprocessing dict, the softmax temperature and the architecture name. `explainable` is added from
-    the file itself: whether it has the class-activation maps output (what `explain=true` needs).
+    The metadata must carry what the service needs to serve the file correctly, the model's contract
+    (`ModelContract.to_metadata`: labels in output order, preprocessing, softmax temperature, architecture).
+    `explainable` is added from the file itself: whether it has the class-activation maps output (what
+    `explain=true` needs).
     """
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:

@@ -28,7 +28,7 @@ from training.places365 import CHECKPOINT_NAME
 from training.teacher import (
     NUM_SCENES,
     PROBABILITY_FLOOR,
-    TEACHER_PREPROCESSING,
+    TEACHER_TRANSFORM,
     Places365Teacher,
     grouped_log_probabilities,
     teacher_preprocess,
@@ -52,7 +52,7 @@ def teacher_key(teacher: Places365Teacher, bf16: bool) -> str:
     for name, tensor in sorted(teacher.network.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().numpy().tobytes()[:4096])  # a fingerprint, not a full hash
-    digest.update(json.dumps(TEACHER_PREPROCESSING.to_dict(), sort_keys=True).encode())
+    digest.update(TEACHER_TRANSFORM.cache_key_text().encode())
     digest.update(b"bf16" if bf16 else b"fp32")
     return f"{CHECKPOINT_NAME.split('.')[0]}-{digest.hexdigest()[:16]}"
 
@@ -89,7 +89,7 @@ class SoftTargetCache:
 
 
 class TeacherInputs(torch.utils.data.Dataset):
-    """Images in CSAIL's own preprocessing (squash to 256x256, centre crop 224)."""
+    """Images in CSAIL's own transform (`TeacherTransform`: squash to 256x256, centre crop 224)."""
 
     def __init__(self, samples: list[Sample]) -> None:
         self.samples = samples

@@ -3,6 +3,8 @@ our labels (the network and its checkpoint: training/places365.py)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from data_prep.common import OTHER
-from inference.preprocess import Preprocessing, normalize_pixels, trim_long_side
+from inference.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels, trim_long_side
 from training.places365 import (  # noqa: F401 (TeacherUnavailable: re-exported for callers)
     NUM_SCENES,
     TeacherUnavailable,
@@ -29,8 +31,32 @@ ROOM_SCENES: dict[str, dict[str, int]] = {
     "kitchen": {"kitchen": 203, "galley": 155},
     "living_room": {"living_room": 215, "television_room": 328},
 }
-# CSAIL's evaluation transform: squash to 256x256 (no aspect kept), centre crop 224, ImageNet mean/std.
-TEACHER_PREPROCESSING = Preprocessing(image_size=224, resize_size=256)
+# The soft-target cache's key names the transform with this text, written when the transform was still described
+# by a student `Preprocessing` (whose rule it is: the teacher squashes, it does not resize the shorter side).
+# Changing a byte would orphan every cached teacher output, so the key keeps it (`TeacherTransform.cache_key_text`).
+CACHE_KEY_RULE = "resize shorter side (bilinear), center crop, RGB /255, (x-mean)/std, NCHW float32"
+
+
+@dataclass(frozen=True)
+class TeacherTransform:
+    """CSAIL's Places365 evaluation transform, what the teacher was trained to see: the whole photo squashed to
+    `resize_size` x `resize_size` (aspect ratio not kept, unlike the student's `Preprocessing`, which resizes
+    the shorter side), the central `image_size` square, ImageNet mean/std. Photos beyond 2:1 are first trimmed
+    to 2:1 (`trim_long_side`), as the student's are."""
+
+    resize_size: int = 256
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def cache_key_text(self) -> str:
+        """This transform as the soft-target cache's key hashes it (`training.soft_targets.teacher_key`): the
+        same text as before the transform had its own class, so cached teacher outputs are still found."""
+        return json.dumps({"image_size": self.image_size, "resize_size": self.resize_size, "mean": list(self.mean),
+                           "std": list(self.std), "rule": CACHE_KEY_RULE}, sort_keys=True)
+
+
+TEACHER_TRANSFORM = TeacherTransform()
 
 
 def scene_membership(labels: list[str]) -> np.ndarray:
@@ -92,9 +118,10 @@ def scene_names(weights_dir: Path | None) -> list[str]:
     return [str(index) for index in range(NUM_SCENES)]
 
 
-def teacher_preprocess(image: Image.Image, config: Preprocessing = TEACHER_PREPROCESSING) -> np.ndarray:
-    """CSAIL's transform: resize to `resize_size` x `resize_size`, centre crop `image_size`, ImageNet mean/std."""
-    image = trim_long_side(image).convert("RGB").resize((config.resize_size, config.resize_size), Image.BILINEAR)
-    offset = (config.resize_size - config.image_size) // 2
-    image = image.crop((offset, offset, offset + config.image_size, offset + config.image_size))
-    return normalize_pixels(np.asarray(image, dtype=np.uint8)[None], config)[0]
+def teacher_preprocess(image: Image.Image, transform: TeacherTransform = TEACHER_TRANSFORM) -> np.ndarray:
+    """One RGB image -> the teacher's float32 input (3, image_size, image_size), by `transform`."""
+    size, crop = transform.resize_size, transform.image_size
+    image = trim_long_side(image).convert("RGB").resize((size, size), Image.BILINEAR)
+    offset = (size - crop) // 2
+    image = image.crop((offset, offset, offset + crop, offset + crop))
+    return normalize_pixels(np.asarray(image, dtype=np.uint8)[None], transform)[0]
