@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 from data_prep.common import CLASSES
 from training.metrics import calibration_bins, classification_report, fit_temperature
@@ -192,26 +191,3 @@ def test_register_needs_no_dataset(trained: dict) -> None:
     assert len(tags) == 2 and registered in tags
 
 
-def test_average_states_is_the_uniform_mean_and_keeps_integer_buffers() -> None:
-    from training.recipe import average_states
-
-    first = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(7)}
-    second = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(9)}
-    averaged = average_states([first, second])
-    assert torch.equal(averaged["w"], torch.tensor([2.0, 4.0]))
-    assert averaged["n"].dtype == torch.int64 and int(averaged["n"]) == 7
-
-
-def test_greedy_soup_keeps_only_ingredients_that_do_not_hurt_validation() -> None:
-    """Scores are a known function of the averaged weight: 0.5 is best, an outlier ingredient is left out."""
-    from training.recipe import greedy_soup
-
-    def score(state: dict) -> float:
-        return 1.0 - abs(float(state["w"]) - 0.5)
-
-    ingredients = [(score({"w": torch.tensor(w)}), {"w": torch.tensor(w)}) for w in (0.4, 0.62, 3.0)]
-    souped, best, kept = greedy_soup(ingredients, score)
-    assert kept == [0, 1] and float(souped["w"]) == pytest.approx(0.51) and best == pytest.approx(0.99)
-    # One ingredient is its own soup: nothing is averaged or rescored.
-    alone, alone_score, alone_kept = greedy_soup(ingredients[:1], lambda state: pytest.fail("scored"))
-    assert alone is ingredients[0][1] and alone_score == ingredients[0][0] and alone_kept == [0]
