@@ -24,19 +24,10 @@ from inference.preprocess import Preprocessing
 from training.backbones import BACKBONES, StemTail, seed_hub_cache
 from training.data import discover_labels, list_samples
 from training.evaluate import accuracy_by_source
+from training.features import cache_views, predict_tail
 from training.metrics import classification_report
-from training.recipe import (
-    PROFILES,
-    Prepared,
-    Recipe,
-    build_model,
-    cache_views,
-    fit,
-    pick_device,
-    predict_tail,
-    prepare,
-    seed_everything,
-)
+from training.recipe import PROFILES, Recipe
+from training.trainer import Prepared, build_model, fit, pick_device, prepare, seed_everything
 
 GRID = ["0:2", "0.5:2", "0.5:4", "0.8:2", "0.8:4", "0.3:2"]
 

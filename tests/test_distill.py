@@ -18,7 +18,7 @@ from torch import nn
 
 from data_prep.common import CLASSES
 from testkit.photos import REAL_PHOTOS_DIR
-from training.recipe import DistillationLoss
+from training.losses import DistillationLoss
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / "shared" / "weights"
@@ -240,7 +240,7 @@ def test_scene_term_adds_a_hand_computed_kl_over_all_365_scenes() -> None:
 def test_scene_head_reads_the_pooled_features_and_leaves_the_class_logits_alone() -> None:
     """The auxiliary head only adds an output: the class logits (what is exported) are the tail's own."""
     from training.backbones import build_stem_tail
-    from training.recipe import scene_head_for, tail_outputs
+    from training.losses import scene_head_for, tail_outputs
 
     torch.manual_seed(0)
     model = build_stem_tail("mobilenet_v2", 4, pretrained=False).eval()
@@ -315,7 +315,8 @@ def test_training_with_the_scene_term_resumes_and_exports_only_the_student(
     from dataclasses import replace
 
     from training.backbones import seed_hub_cache
-    from training.recipe import PROFILES, train
+    from training.recipe import PROFILES
+    from training.trainer import train
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     seed_hub_cache(WEIGHTS)

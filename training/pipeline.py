@@ -25,8 +25,9 @@ from training.export import OPSET, export_onnx, max_logit_difference
 from training.latency import measure_latency_ms
 from training.openset import other_scenes_of
 from training.quantize import quantize_int8
-from training.recipe import Recipe, recipe_from_checkpoint, train
+from training.recipe import Recipe, recipe_from_checkpoint
 from training.register import save_to_model_store
+from training.trainer import train
 
 PARITY_TOLERANCE = 1e-3
 INT8_MAX_ACCURACY_DROP = 0.005
