@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from data_prep.common import CLASSES
 from training.metrics import calibration_bins, classification_report, fit_temperature
@@ -103,8 +105,6 @@ def test_exported_onnx_is_one_file_with_dynamic_batch(trained: dict) -> None:
 
 
 def test_onnx_matches_torch_on_real_images(trained: dict) -> None:
-    import torch
-
     from inference.preprocess import Preprocessing, preprocess_batch
     from training.data import list_samples, load_rgb
     from training.pipeline import load_trained
@@ -191,3 +191,36 @@ def test_register_needs_no_dataset(trained: dict) -> None:
     assert len(tags) == 2 and registered in tags
 
 
+
+def old_warmup_then_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
+    """The hand-written schedule SequentialLR(LinearLR, CosineAnnealingLR) replaced, as a factor of the lr."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@pytest.mark.parametrize(("total_steps", "warmup_steps"), [(12 * 181, 181), (24, 5), (5, 5), (3, 5), (40, 1)])
+def test_fine_tune_schedule_is_linear_warm_up_then_cosine_step_by_step(total_steps: int, warmup_steps: int) -> None:
+    """The learning rate each optimizer step uses equals the formula's, in both parameter groups, and a scheduler
+    restored from a checkpoint halfway continues on the same curve."""
+    from training.trainer import warmup_then_cosine
+
+    def optimizer_and_scheduler():
+        optimizer = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 3e-4},
+                                       {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 9e-4}])
+        return optimizer, warmup_then_cosine(optimizer, total_steps, warmup_steps)
+
+    optimizer, scheduler = optimizer_and_scheduler()
+    halfway = total_steps // 2
+    for step in range(total_steps):
+        if step == halfway:
+            saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            optimizer, scheduler = optimizer_and_scheduler()
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        expected = old_warmup_then_cosine(step, total_steps, warmup_steps)
+        for group, base in zip(optimizer.param_groups, (3e-4, 9e-4)):
+            assert group["lr"] == pytest.approx(base * expected, rel=1e-9, abs=1e-15), step
+        optimizer.step()
+        scheduler.step()

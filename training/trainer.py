@@ -217,13 +217,13 @@ def start_fine_tune(model: StemTail, scene_head: nn.Module | None, recipe: Recip
     return optimizer, warmup_then_cosine(optimizer, recipe.epochs * steps, max(steps, 5))
 
 
-def warmup_then_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def warmup_then_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> Scheduler:
+    """Per step: lr * (step + 1) / warmup_steps for the first `warmup_steps` steps, then cosine decay from lr to 0
+    over the remaining `total_steps - warmup_steps`."""
+    lr_scheduler = torch.optim.lr_scheduler
+    warmup = lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup_steps, total_iters=warmup_steps - 1)
+    cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
+    return lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
 def run_epoch(model: StemTail, scene_head: nn.Module | None, prepared: Prepared, recipe: Recipe, stage: str,
