@@ -1,7 +1,7 @@
 """The training recipe's settings: the `Recipe` dataclass, its named profiles and the command line's overrides.
 
-How the recipe trains is training/trainer.py; how it was chosen (sweeps, probes, what gained nothing) is in
-README "Distillation".
+How the recipe trains is training/trainer.py; how it was chosen (sweeps, probes, what gained nothing) is
+docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ from training.backbones import backbone
 class Recipe:
     arch: str = "mobilenet_v2"  # the most accurate backbone within the time budget here (runs/compare)
     stem_blocks: int | None = None  # None: the architecture's default cut
-    # cached views per training image: 1 centre + (views - 1) augmented. Validation did not tell 8 from 4
-    # (two runs each, README "Distillation"); with the `other` photos the training split is 44 % larger, and
-    # 4 views keep `make all` within its hour
-    views: int = 4
+    views: int = 4  # cached views per training image: 1 centre + (views - 1) augmented
     warmup_epochs: int = 4
     epochs: int = 12
     batch_size: int = 64
@@ -48,14 +45,14 @@ class Recipe:
 
 DISTILL_CHOICES = ("off", "on", "both")  # `compare`: students without and/or with the teacher
 
-# Settings of experiments that were removed (README "Distillation"): checkpoints written before hold them.
+# Settings of experiments that were removed (docs/experiments.md): checkpoints written before hold them.
 RETIRED_FIELDS = ("kd_teacher_views", "soup", "drop_audited", "fresh_views")
 
-# Distillation as chosen on validation (`python -m experiments.sweep_kd`, README "Distillation"): the default
-# profile distils; the quick profile is a smoke run that needs no teacher file.
+# Distillation as chosen on validation (docs/experiments.md): the default profile distils; the quick profile is a
+# smoke run that needs no teacher file.
 KD_ALPHA = 0.5
 KD_TEMPERATURE = 4.0
-KD_SCENE_WEIGHT = 0.3  # the all-365-scenes term: val 0.9165 vs 0.9130 without, 0.9148 at weight 1 (full split)
+KD_SCENE_WEIGHT = 0.3  # the all-365-scenes term
 
 PROFILES: dict[str, Recipe] = {
     "default": Recipe(kd_alpha=KD_ALPHA, kd_temperature=KD_TEMPERATURE, kd_scene_weight=KD_SCENE_WEIGHT),
