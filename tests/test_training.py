@@ -224,3 +224,17 @@ def test_fine_tune_schedule_is_linear_warm_up_then_cosine_step_by_step(total_ste
             assert group["lr"] == pytest.approx(base * expected, rel=1e-9, abs=1e-15), step
         optimizer.step()
         scheduler.step()
+
+
+def test_a_checkpoint_from_before_the_experiments_were_removed_still_loads() -> None:
+    """best.pt files written with the soup, fresh-view, audit-drop and teacher-view settings load as the same
+    network; a setting nobody knows is still an error."""
+    from dataclasses import asdict
+
+    from training.recipe import PROFILES, recipe_from_checkpoint
+
+    saved = {**asdict(PROFILES["default"]), "kd_teacher_views": "centre", "soup": 1, "drop_audited": False,
+             "fresh_views": False}
+    assert recipe_from_checkpoint(saved) == PROFILES["default"]
+    with pytest.raises(ValueError, match="unknown settings"):
+        recipe_from_checkpoint({**saved, "mystery": 1})
