@@ -18,7 +18,7 @@ from torch import nn
 
 from data_prep.common import CLASSES
 from testkit.photos import REAL_PHOTOS_DIR
-from training.recipe import DistillationLoss
+from training.losses import DistillationLoss
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / "shared" / "weights"
@@ -260,7 +260,7 @@ def test_scene_term_adds_a_hand_computed_kl_over_all_365_scenes() -> None:
 def test_scene_head_reads_the_pooled_features_and_leaves_the_class_logits_alone() -> None:
     """The auxiliary head only adds an output: the class logits (what is exported) are the tail's own."""
     from training.backbones import build_stem_tail
-    from training.recipe import scene_head_for, tail_outputs
+    from training.losses import scene_head_for, tail_outputs
 
     torch.manual_seed(0)
     model = build_stem_tail("mobilenet_v2", 4, pretrained=False).eval()
@@ -328,64 +328,32 @@ def test_compare_has_the_teacher_row_a_distilled_student_and_the_audit(tmp_path:
 
 
 @needs_teacher
-def test_souped_training_with_the_scene_term_resumes_and_exports_only_the_student(
+def test_training_with_the_scene_term_resumes_and_exports_only_the_student(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real recipe with the 365-scene term and a soup of two fine-tunes on a tiny real split: the
-    auxiliary head trains beside the student, goes into the resume checkpoint, and never into the model
-    that is exported; a resumed finished run rebuilds the same soup."""
+    """The real recipe with the 365-scene term on a tiny real split: the auxiliary head trains beside the
+    student, goes into the resume checkpoint, and never into the model that is exported; a resumed finished
+    run rebuilds the same model."""
     from dataclasses import replace
 
     from training.backbones import seed_hub_cache
-    from training.recipe import PROFILES, train
+    from training.recipe import PROFILES
+    from training.trainer import train
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     seed_hub_cache(WEIGHTS)
     data = split_tree(tmp_path / "data", {"train": 3, "val": 2})
     recipe = replace(PROFILES["quick"], warmup_epochs=1, epochs=2, views=2, kd_alpha=0.5, kd_temperature=4.0,
-                     kd_scene_weight=0.5, soup=2)
-    arguments = dict(weights_dir=WEIGHTS, soft_target_dir=tmp_path / "cache")
-    model, history = train(data, list(CLASSES), recipe, tmp_path / "run", **arguments)
-
-    assert [(epoch["stage"], epoch.get("ingredient")) for epoch in history["epochs"]] == [
-        ("warmup", None), ("finetune", 0), ("finetune", 0), ("finetune", 1), ("finetune", 1)]
-    assert all(np.isfinite(epoch["train_loss"]) for epoch in history["epochs"])
-    soup = history["soup"]
-    assert len(soup["ingredients_val_macro_f1"]) == 2 and soup["kept"][0] in (0, 1)
-    assert soup["soup_val_macro_f1"] >= max(soup["ingredients_val_macro_f1"]) == pytest.approx(
-        soup["ingredients_val_macro_f1"][soup["kept"][0]])
-    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    assert checkpoint["warm"]["scene_head"]["weight"].shape == (365, 576)  # MobileNetV3-Small's pooled features
-    assert not any("scene" in key for key in model.state_dict())
-    resumed, _ = train(data, list(CLASSES), recipe, tmp_path / "run", resume=True, **arguments)
-    assert resumed.state_dict().keys() == model.state_dict().keys()
-    assert all(torch.equal(resumed.state_dict()[key], value) for key, value in model.state_dict().items())
-
-
-@needs_teacher
-def test_fresh_views_train_every_block_after_the_frozen_stem_without_a_cache(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The "fresh" profile on a tiny real split: no stem cache, the teacher's centre view serves each new
-    augmented view, the first blocks stay exactly ImageNet's and the blocks after them are trained."""
-    from dataclasses import replace
-
-    from training.backbones import build_stem_tail, seed_hub_cache
-    from training.recipe import PROFILES, build_model, prepare, train
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    seed_hub_cache(WEIGHTS)
-    data = split_tree(tmp_path / "data", {"train": 3, "val": 2})
-    recipe = replace(PROFILES["fresh"], arch="mobilenet_v3_small", stem_blocks=2, epochs=2, warmup_epochs=1)
+                     kd_scene_weight=0.5)
     arguments = dict(weights_dir=WEIGHTS, soft_target_dir=tmp_path / "cache")
     model, history = train(data, list(CLASSES), recipe, tmp_path / "run", **arguments)
 
     assert [epoch["stage"] for epoch in history["epochs"]] == ["warmup", "finetune", "finetune"]
     assert all(np.isfinite(epoch["train_loss"]) for epoch in history["epochs"])
-    imagenet = build_stem_tail("mobilenet_v3_small", len(CLASSES), pretrained=True, stem_blocks=2).state_dict()
-    trained = model.state_dict()
-    assert all(torch.equal(trained[key], imagenet[key]) for key in trained if key.startswith("stem."))
-    assert not torch.equal(trained["tail.0.2.block.0.0.weight"], imagenet["tail.0.2.block.0.0.weight"])
-    prepared = prepare(build_model(recipe, len(CLASSES), torch.device("cpu")), data, list(CLASSES), recipe,
-                       torch.device("cpu"), **arguments)
-    assert prepared.train_cache is None and prepared.teacher_logits.shape[0] == 1
-    with pytest.raises(ValueError, match="centre view"):
-        train(data, list(CLASSES), replace(recipe, kd_teacher_views="all"), tmp_path / "other", **arguments)
+    assert history["best_val_macro_f1"] == max(epoch["val_macro_f1"] for epoch in history["epochs"][1:])
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["scene_head"]["weight"].shape == (365, 576)  # MobileNetV3-Small's pooled features
+    assert not any("scene" in key for key in model.state_dict())
+    resumed, _ = train(data, list(CLASSES), recipe, tmp_path / "run", resume=True, **arguments)
+    assert resumed.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(resumed.state_dict()[key], value) for key, value in model.state_dict().items())
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -104,8 +105,6 @@ def test_exported_onnx_is_one_file_with_dynamic_batch(trained: dict) -> None:
 
 
 def test_onnx_matches_torch_on_real_images(trained: dict) -> None:
-    import torch
-
     from inference.preprocess import Preprocessing, preprocess_batch
     from training.data import list_samples, load_rgb
     from training.pipeline import load_trained
@@ -206,26 +205,49 @@ def test_the_stored_contract_is_what_training_stored_before_it_was_typed() -> No
         assert json.dumps(model_contract(checkpoint, 1.7).to_metadata()) == json.dumps(before)
 
 
-def test_average_states_is_the_uniform_mean_and_keeps_integer_buffers() -> None:
-    from training.recipe import average_states
-
-    first = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(7)}
-    second = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(9)}
-    averaged = average_states([first, second])
-    assert torch.equal(averaged["w"], torch.tensor([2.0, 4.0]))
-    assert averaged["n"].dtype == torch.int64 and int(averaged["n"]) == 7
+def old_warmup_then_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
+    """The hand-written schedule SequentialLR(LinearLR, CosineAnnealingLR) replaced, as a factor of the lr."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def test_greedy_soup_keeps_only_ingredients_that_do_not_hurt_validation() -> None:
-    """Scores are a known function of the averaged weight: 0.5 is best, an outlier ingredient is left out."""
-    from training.recipe import greedy_soup
+@pytest.mark.parametrize(("total_steps", "warmup_steps"), [(12 * 181, 181), (24, 5), (5, 5), (3, 5), (40, 1)])
+def test_fine_tune_schedule_is_linear_warm_up_then_cosine_step_by_step(total_steps: int, warmup_steps: int) -> None:
+    """The learning rate each optimizer step uses equals the formula's, in both parameter groups, and a scheduler
+    restored from a checkpoint halfway continues on the same curve."""
+    from training.trainer import warmup_then_cosine
 
-    def score(state: dict) -> float:
-        return 1.0 - abs(float(state["w"]) - 0.5)
+    def optimizer_and_scheduler():
+        optimizer = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 3e-4},
+                                       {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 9e-4}])
+        return optimizer, warmup_then_cosine(optimizer, total_steps, warmup_steps)
 
-    ingredients = [(score({"w": torch.tensor(w)}), {"w": torch.tensor(w)}) for w in (0.4, 0.62, 3.0)]
-    souped, best, kept = greedy_soup(ingredients, score)
-    assert kept == [0, 1] and float(souped["w"]) == pytest.approx(0.51) and best == pytest.approx(0.99)
-    # One ingredient is its own soup: nothing is averaged or rescored.
-    alone, alone_score, alone_kept = greedy_soup(ingredients[:1], lambda state: pytest.fail("scored"))
-    assert alone is ingredients[0][1] and alone_score == ingredients[0][0] and alone_kept == [0]
+    optimizer, scheduler = optimizer_and_scheduler()
+    halfway = total_steps // 2
+    for step in range(total_steps):
+        if step == halfway:
+            saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            optimizer, scheduler = optimizer_and_scheduler()
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        expected = old_warmup_then_cosine(step, total_steps, warmup_steps)
+        for group, base in zip(optimizer.param_groups, (3e-4, 9e-4)):
+            assert group["lr"] == pytest.approx(base * expected, rel=1e-9, abs=1e-15), step
+        optimizer.step()
+        scheduler.step()
+
+
+def test_a_checkpoint_from_before_the_experiments_were_removed_still_loads() -> None:
+    """best.pt files written with the soup, fresh-view, audit-drop and teacher-view settings load as the same
+    network; a setting nobody knows is still an error."""
+    from dataclasses import asdict
+
+    from training.recipe import PROFILES, recipe_from_checkpoint
+
+    saved = {**asdict(PROFILES["default"]), "kd_teacher_views": "centre", "soup": 1, "drop_audited": False,
+             "fresh_views": False}
+    assert recipe_from_checkpoint(saved) == PROFILES["default"]
+    with pytest.raises(ValueError, match="unknown settings"):
+        recipe_from_checkpoint({**saved, "mystery": 1})

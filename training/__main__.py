@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from training.backbones import BACKBONES, WeightsUnavailable, seed_hub_cache
-from training.recipe import DISTILL_CHOICES, KD_TEACHER_VIEWS, PROFILES, recipe_from_args
+from training.recipe import DISTILL_CHOICES, PROFILES, recipe_from_args
 
 STEPS = ("train", "export", "evaluate", "register", "run", "compare", "teacher")
 STEPS_READING_DATA = ("train", "export", "evaluate", "run", "compare", "teacher")  # `register` reads the run only
@@ -42,19 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--register-if-val-above", type=float,
                         help="`run`: register only if the served model's val accuracy beats this "
                              "(e.g. today's model's)")
-    parser.add_argument("--soup", type=int,
-                        help="fine-tunes of the tail from one warm start, greedy-souped on validation (default 1)")
     kd = parser.add_argument_group("distillation from the Places365 teacher (needs places365/ in --weights-dir "
                                    "or a network)")
     kd.add_argument("--kd-alpha", type=float, help="weight of the distillation term (0 = plain cross-entropy)")
     kd.add_argument("--kd-temperature", type=float, help="softmax temperature of the distillation term")
-    kd.add_argument("--kd-teacher-views", choices=KD_TEACHER_VIEWS,
-                    help="centre: the cached centre-view soft targets serve every view; all: the teacher also sees "
-                         "each augmented view (about 3x the teacher cost, not cached)")
     kd.add_argument("--kd-scene-weight", type=float,
                     help="weight of the all-365-scenes term (an auxiliary head, not exported; 0 = off)")
-    kd.add_argument("--drop-audited", action="store_true",
-                    help="drop training images a confident teacher disagrees with (off unless validation says so)")
     kd.add_argument("--soft-target-dir", type=Path, help="soft-target cache (default: $TORCH_HOME/soft_targets)")
     kd.add_argument("--distill", choices=DISTILL_CHOICES, default="both", help="`compare`: students without/with KD")
     kd.add_argument("--no-teacher-row", action="store_true", help="`compare`: leave out the teacher's row")
@@ -71,12 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.weights_dir is not None and args.weights_dir.is_dir():
         seed_hub_cache(args.weights_dir)
     recipe = recipe_from_args(args.profile, arch=args.arch, epochs=args.epochs, views=args.views,
-                              stem_blocks=args.stem_blocks, seed=args.seed, soup=args.soup,
+                              stem_blocks=args.stem_blocks, seed=args.seed,
                               max_per_class=args.max_per_class,
                               pretrained=False if args.random_init else None,
                               kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature,
-                              kd_teacher_views=args.kd_teacher_views, kd_scene_weight=args.kd_scene_weight,
-                              drop_audited=True if args.drop_audited else None)
+                              kd_scene_weight=args.kd_scene_weight)
     teacher_args = {"weights_dir": args.weights_dir, "soft_target_dir": args.soft_target_dir}
     try:
         if args.step == "train":

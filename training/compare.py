@@ -142,7 +142,7 @@ def distill_variants(recipe: Recipe, distill: str) -> list[Recipe]:
     scene weight)."""
     with_kd = recipe if recipe.kd_alpha > 0 else replace(recipe, kd_alpha=KD_ALPHA, kd_temperature=KD_TEMPERATURE,
                                                          kd_scene_weight=KD_SCENE_WEIGHT)
-    without = replace(recipe, kd_alpha=0.0, kd_scene_weight=0.0, drop_audited=False)
+    without = replace(recipe, kd_alpha=0.0, kd_scene_weight=0.0)
     return {"off": [without], "on": [with_kd], "both": [without, with_kd]}[distill]
 
 

@@ -7,7 +7,7 @@ import csv
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import matplotlib
 
@@ -28,7 +28,6 @@ from training.soft_targets import (  # noqa: E402
     default_cache_dir,
     file_digest,
     room_logits,
-    run_teacher,
     teacher_key,
     teacher_scene_logits,
 )
@@ -48,14 +47,6 @@ def centre_scene_logits(teacher: Places365Teacher, data_root: Path, samples: lis
     """[N, 365] Places logits of `samples` from the soft-target cache (computed there once)."""
     return teacher_scene_logits(teacher, samples, cache_dir or default_cache_dir(), dataset_fingerprint(data_root),
                                 desc="teacher soft targets, train")
-
-
-def teacher_room_fn(teacher: Places365Teacher | None, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Room logits of already-normalised 224 px batches (the student's augmented views), on the CPU."""
-    assert teacher is not None
-    teacher = teacher.to(device).eval()
-    bf16 = bf16_is_fast()
-    return lambda images: torch.from_numpy(room_logits(run_teacher(teacher, images, bf16), teacher))
 
 
 def audit_flags(room: np.ndarray, targets: np.ndarray, threshold: float = AUDIT_CONFIDENCE) -> np.ndarray:

@@ -25,8 +25,9 @@ from training.export import OPSET, export_onnx, max_logit_difference
 from training.latency import measure_latency_ms
 from training.openset import other_scenes_of
 from training.quantize import quantize_int8
-from training.recipe import Recipe, train, uses_teacher
+from training.recipe import Recipe, recipe_from_checkpoint
 from training.register import MODEL_NAME, save_to_model_store
+from training.trainer import train
 
 PARITY_TOLERANCE = 1e-3
 INT8_MAX_ACCURACY_DROP = 0.005
@@ -37,7 +38,7 @@ def train_step(data: Path, run_dir: Path, recipe: Recipe, resume: bool = False, 
     labels = discover_labels(data)
     model, history = train(data, labels, recipe, run_dir, resume=resume, weights_dir=weights_dir,
                            soft_target_dir=soft_target_dir)
-    if uses_teacher(recipe):
+    if recipe.uses_teacher():
         from training.distill import label_audit, load_teacher_for
         history["label_audit"] = label_audit(data, load_teacher_for(labels, weights_dir), run_dir / "report",
                                              weights_dir, soft_target_dir)
@@ -49,7 +50,7 @@ def train_step(data: Path, run_dir: Path, recipe: Recipe, resume: bool = False, 
 
 def load_trained(run_dir: Path) -> tuple[StemTail, dict[str, Any]]:
     checkpoint = torch.load(run_dir / "best.pt", weights_only=False)
-    recipe = Recipe(**checkpoint["recipe"])
+    recipe = recipe_from_checkpoint(checkpoint["recipe"])
     model = build_stem_tail(recipe.arch, len(checkpoint["labels"]), pretrained=False, stem_blocks=recipe.stem_cut())
     model.load_state_dict(checkpoint["state"])
     return model.eval(), checkpoint
@@ -106,8 +107,7 @@ def evaluate_step(data: Path, run_dir: Path, int8: bool = False) -> dict[str, An
     extra = {"architecture": checkpoint["recipe"]["arch"], "dataset_fingerprint": checkpoint["dataset_fingerprint"]}
     if checkpoint["recipe"].get("kd_alpha", 0) > 0:
         kd = checkpoint["recipe"]
-        extra["distillation"] = (f"Places365 teacher, alpha {kd['kd_alpha']}, T {kd['kd_temperature']}, "
-                                 f"teacher on {kd['kd_teacher_views']} view(s)"
+        extra["distillation"] = (f"Places365 teacher, alpha {kd['kd_alpha']}, T {kd['kd_temperature']}"
                                  + (f", all-scenes weight {kd['kd_scene_weight']}"
                                     if kd.get("kd_scene_weight") else ""))
     audit = checkpoint["history"].get("label_audit")

@@ -2,9 +2,7 @@
 
 Activation ranges come from the 99.99th percentile of each tensor's calibration histogram, not its min/max:
 one extreme activation no longer stretches the range and costs every other value its resolution. Chosen on
-validation (README, "Distillation"): of two distilled MobileNetV2s, INT8 lost 0.87 and 0.30 points of val
-accuracy against FP32 with min/max ranges, 0.13 and 0.43 with percentile ranges (0.30 points better on
-average); the graph, and so the speed, is the same.
+validation (docs/experiments.md, "INT8: calibration ranges"); the graph, and so the speed, is the same.
 
 A file with class-activation maps is quantized without them and gets them back afterwards
 (`training.activation_maps`), so the INT8 logits are those of the plain graph's INT8 file, bit for bit.
