@@ -22,6 +22,7 @@ from training.recipe import (  # noqa: F401 (re-exported for callers)
     KD_TEMPERATURE,
     PROFILES,
     Recipe,
+    recipe_from_checkpoint,
 )
 
 COLUMNS = ("arch", "input_px", "kd", "val_accuracy", "test_accuracy", "test_room_accuracy", "test_macro_f1",
@@ -61,7 +62,7 @@ def trained_by(run_dir: Path, recipe: Recipe, fingerprint: str) -> dict[str, Any
     if not (run_dir / "best.pt").is_file():
         return None
     _, checkpoint = load_trained(run_dir)
-    same = checkpoint["recipe"] == asdict(recipe) and checkpoint["dataset_fingerprint"] == fingerprint
+    same = recipe_from_checkpoint(checkpoint["recipe"]) == recipe and checkpoint["dataset_fingerprint"] == fingerprint
     return checkpoint if same else None
 
 
@@ -81,7 +82,7 @@ def compare_one(data: Path, run_dir: Path, recipe: Recipe, weights_dir: Path | N
     fingerprint = dataset_fingerprint(data)
     if saved.is_file():
         previous = json.loads(saved.read_text())
-        if previous["recipe"] == asdict(recipe) and previous["dataset_fingerprint"] == fingerprint:
+        if recipe_from_checkpoint(previous["recipe"]) == recipe and previous["dataset_fingerprint"] == fingerprint:
             print(f"{run_dir}: reusing the row of an earlier run with the same recipe and data")
             return previous["row"]
     trained = trained_by(run_dir, recipe, fingerprint)
