@@ -185,7 +185,7 @@ def format_markdown(report: dict[str, Any], extra: dict[str, Any]) -> str:
     lines = ["# Room classifier evaluation", ""]
     lines += [f"- {key}: {value}" for key, value in extra.items()]
     lines += ["", "Scored through the exported ONNX model and the service's own decode + preprocessing.",
-              f"Temperature {report['temperature']:.3f} fitted on validation (NLL).", "",
+              f"Temperature {report['temperature']:.3f} fitted on validation (lowest top-label ECE).", "",
               "| split | images | accuracy | macro-F1 | weighted-F1 |", "|---|---|---|---|---|"]
     for split in ("val", "test"):
         scores = report[split]

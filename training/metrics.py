@@ -58,11 +58,14 @@ def negative_log_likelihood(logits: np.ndarray, targets: np.ndarray, temperature
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
-    """The temperature minimising validation NLL: a log-spaced grid, then a finer grid around the best."""
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 200))
-    best = min(grid, key=lambda t: negative_log_likelihood(logits, targets, t))
-    fine = np.linspace(best / 1.05, best * 1.05, 101)
-    return float(min(fine, key=lambda t: negative_log_likelihood(logits, targets, t)))
+    """The temperature minimising validation top-label ECE (a log-spaced grid).
+
+    ECE, not NLL: the product promises that a 0.8 confidence is right 8 times in 10. With label smoothing,
+    distillation and held-out `other` scenes in validation, the NLL-optimal temperature overshoots (served
+    MobileNetV2: T 1.73, val ECE 0.055 and test 0.049, worse than no scaling); the ECE-optimal one gets val 0.020
+    and test 0.022, and 0.023 / 0.031 when fitted on one half of validation and scored on the other (README)."""
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 400))
+    return float(min(grid, key=lambda t: calibration_bins(softmax(logits, t), targets)["ece"]))
 
 
 def calibration_bins(probabilities: np.ndarray, targets: np.ndarray, num_bins: int = 15) -> dict[str, Any]:
