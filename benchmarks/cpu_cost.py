@@ -8,7 +8,7 @@ flight on the photos of `benchmarks.speed` (real room photos re-encoded at listi
 servers run by run, and prints CPU µs per request next to the bare loop's CPU µs per image
 (`inference/` decode + preprocess + ONNX Runtime + postprocess, one image at a time, one ONNX Runtime thread).
 
-With `--profile DIR` it also samples the (first) server with py-spy during one extra run and splits its CPU
+With `--profile DIR` it also samples each server with py-spy during one extra run and splits its CPU
 time into parts (HTTP, middlewares, multipart, validation, temp files, decode, model, JSON, ...): the
 breakdown in docs/serving-profile.md.
 
@@ -178,10 +178,15 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
                                                  "starlette/", "simple_di")),
     ("service handler (service.py, batcher)", ("RoomClassifier.", "service.py)", "serving/batching.py")),
     ("HTTP server (uvicorn + httptools)", ("uvicorn/protocols", "httptools")),
+    ("anyio cancel scopes (request timeout, to_thread)", ("CancelScope", "move_on_after", "current_async_library",
+                                                         "get_async_backend", "current_time")),
     ("thread hops: hand-over, wake-ups, futures", ("anyio/", "threading.py", "concurrent/futures", "queue.py")),
     ("uvloop (C): socket I/O, polling, callbacks, wake-ups", ("Runner.run",)),
     ("asyncio tasks + contextvars", ("asyncio/", "contextvars")),
 )
+# Helpers whose time belongs to their caller (Starlette's Headers, context managers, signatures, enums).
+TRANSPARENT = ("starlette/datastructures.py", "/contextlib.py", "/inspect.py", "/enum.py", "/functools.py",
+               "/typing.py", "/abc.py")
 IDLE = "(waiting)"
 ARBITER = "(bentoml serve's arbiter process)"
 LOOP, THREADS = "event loop thread", "other threads"
@@ -192,6 +197,8 @@ def part_of(stack: Sequence[str]) -> str:
     if leaf in IDLE_LEAVES:
         return IDLE
     for frame in reversed(stack):  # leaf first
+        if any(word in frame for word in TRANSPARENT):
+            continue
         for part, words in PARTS:
             if any(word in frame for word in words):
                 return part
@@ -216,13 +223,13 @@ def read_collapsed(path: Path) -> dict[str, collections.Counter[str]]:
     return samples
 
 
-def profile_run(server: BentoServer, size: str, mode: str, inputs: Path, in_flight: int, seconds: float,
-                out_dir: Path) -> tuple[Run, collections.Counter[str]]:
+def profile_run(name: str, server: BentoServer, size: str, mode: str, inputs: Path, in_flight: int, seconds: float,
+                out_dir: Path) -> tuple[Run, dict[str, collections.Counter[str]]]:
     """One load run with py-spy sampling the server tree. Python frames only: py-spy's native unwinding could not
     keep up on 2 loaded cores and lost samples in ONNX Runtime and Pillow."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / f"profile-{size}-{mode}-{in_flight}.txt"
+    raw = out_dir / f"profile-{name.split(':')[0]}-{size}-{mode}-{in_flight}.txt"
     command = [py_spy, "record", "--pid", str(server.process.pid), "--subprocesses", "--nonblocking",
                "--full-filenames", "--nolineno", "--rate", "200", "--format", "raw", "--output", str(raw),
                "--duration", str(int(seconds) + 3)]
@@ -231,7 +238,7 @@ def profile_run(server: BentoServer, size: str, mode: str, inputs: Path, in_flig
         spy = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         time.sleep(1.0)  # py-spy attaches
-        run = load_run("profiled", server, size, mode, inputs, in_flight, seconds)
+        run = load_run(name, server, size, mode, inputs, in_flight, seconds)
     finally:
         spy.wait(timeout=seconds + 60)
     if not raw.exists():
@@ -243,8 +250,9 @@ def format_profile(run: Run, samples: dict[str, collections.Counter[str]]) -> li
     """Each part's share of its thread group's working samples, as CPU µs per request: the event loop's from its
     measured CPU time, the other threads' from the rest."""
     cpu = {LOOP: run.loop_us_per_request, THREADS: run.cpu_us_per_request - run.loop_us_per_request}
-    lines = [f"profile {run.size} {run.mode} {run.in_flight} in flight: {run.cpu_us_per_request:.0f} CPU µs/request, "
-             f"event loop thread {cpu[LOOP]:.0f}, other threads and processes {cpu[THREADS]:.0f}",
+    lines = [f"profile of {run.server}, {run.size} {run.mode} {run.in_flight} in flight: "
+             f"{run.cpu_us_per_request:.0f} CPU µs/request, event loop thread {cpu[LOOP]:.0f}, "
+             f"other threads and processes {cpu[THREADS]:.0f}",
              "| thread | part | share | CPU µs/request |", "|---|---|---|---|"]
     for thread in (LOOP, THREADS):
         working = collections.Counter({part: n for part, n in samples.get(thread, {}).items() if part != IDLE})
@@ -317,9 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for size in sizes:
                 for mode in modes:
                     for n in in_flight:
-                        run, samples = profile_run(servers["this"], size, mode, inputs[size, mode], n, args.seconds,
-                                                   args.profile)
-                        print("\n".join(format_profile(run, samples)), flush=True)
+                        for name, server in servers.items():
+                            run, samples = profile_run(name, server, size, mode, inputs[size, mode], n, args.seconds,
+                                                       args.profile)
+                            print("\n".join(format_profile(run, samples)), flush=True)
     return 0
 
 
