@@ -210,8 +210,13 @@ IMAGE = bentoml.images.Image(base_image=f"python:{sys.version_info.major}.{sys.v
                              distro=None)  # type: ignore[arg-type]
 
 
+# BentoML's tracing middleware opens three spans per request even when none is sampled (its default): 0.3-0.6 ms
+# of CPU per request (docs/serving-profile.md). The classify routes skip it unless RC_REQUEST_TRACING is on.
+TRACING = {} if CONFIG.request_tracing else {"tracing": {"excluded_urls": list(CLASSIFY_ROUTES)}}
+
+
 @bentoml.service(name="room_classifier", workers=CONFIG.workers, traffic={"timeout": BENTOML_TIMEOUT_S},
-                 image=IMAGE)
+                 image=IMAGE, **TRACING)  # type: ignore[arg-type]
 @bentoml.asgi_app(health_app, path="/")
 class RoomClassifier:
     """Classifies photos as bathroom / bedroom / kitchen / living_room, or `other`: none of them."""

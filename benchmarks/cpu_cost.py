@@ -281,6 +281,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--against", type=Path, action="append", default=[],
                         help="another checkout's root to serve too (repeatable), e.g. an exported older commit")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the servers (repeatable)")
+    parser.add_argument("--against-env", action="append", default=[],
+                        help="NAME=VALUE for the --against servers only (repeatable): `--against . --against-env "
+                             "RC_X=1` compares a setting")
     parser.add_argument("--bare-images", type=int, default=200, help="images of the bare loop per size (0: skip)")
     parser.add_argument("--profile", type=Path, help="folder for py-spy's raw profiles; prints the breakdown")
     return parser.parse_args(argv)
@@ -308,9 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bare_us = bare_cpu_us_in_subprocess(args.model_tag, files[size], args.bare_images)
                 print(f"bare loop {size}: {bare_us:.0f} CPU µs/image", flush=True)
         servers = {"this": stack.enter_context(start_bento_server(env=env, cwd=REPO_ROOT))}
+        against_env = {**env, **dict(item.split("=", 1) for item in args.against_env)}
         for index, root in enumerate(args.against):
-            servers[f"against{index + 1}:{root.name}"] = stack.enter_context(
-                start_bento_server(env=env, cwd=root.resolve()))
+            servers[f"against{index + 1}:{root.resolve().name}"] = stack.enter_context(
+                start_bento_server(env=against_env, cwd=root.resolve()))
         print(RUN_HEADER, flush=True)
         for size in sizes:
             for mode in modes:
