@@ -320,6 +320,7 @@ class RequestGuardMiddleware:
             await form.close()
         if taken is None:
             return await self.app(scope, replay(body, receive), send)
+        del body, form  # the files were copied out: the raw body need not stay in memory while the handler runs
         fields_json, files = taken
         token = UPLOADS.set(files)
         try:
