@@ -144,6 +144,13 @@ def test_a_form_the_guard_leaves_to_bentoml_gets_the_same_answer(server: BentoSe
     assert len(response.json()["top_k"]) == 2
 
 
+def test_classify_routes_skip_bentoml_tracing_by_default(server: BentoServer, photos: dict[str, Path]) -> None:
+    # RC_REQUEST_TRACING is off: BentoML's OpenTelemetry middleware (which sets this header) passes them by.
+    response = requests.post(server.url + "/classify", files={"image": ("red.jpg", photos["red"].read_bytes())},
+                             timeout=30)
+    assert response.status_code == 200 and "x-bentoml-request-id" not in response.headers
+
+
 def test_probabilities_are_a_sorted_softmax(client: bentoml.SyncHTTPClient, photos: dict[str, Path]) -> None:
     answer = client.classify(image=photos["red"])
     probabilities = [p for _, p in answer["probabilities"]]
