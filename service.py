@@ -46,6 +46,7 @@ from serving.http_guards import (
     LoadSheddingMiddleware,
     RequestGuardMiddleware,
     RequestTimeoutMiddleware,
+    uploaded_files,
 )
 from serving.web import web_routes
 
@@ -56,6 +57,7 @@ MODEL = bentoml.models.BentoModel(CONFIG.model_tag)
 CLASSIFY_ROUTES = ("/classify", "/classify_batch")
 HEALTH_ROUTES = ("/health",)
 FILE_FIELDS = ("image", "images")
+UPLOAD_FIELDS = {"/classify": "image", "/classify_batch": "images"}  # each route's file field
 # RequestTimeoutMiddleware answers at RC_REQUEST_TIMEOUT_S in our error shape; BentoML's own timeout
 # (another shape) only catches what it could not, e.g. a decode still running when the time is up.
 BENTOML_TIMEOUT_S = CONFIG.request_timeout_s + 5.0
@@ -174,11 +176,12 @@ def answer_options(top_k: Optional[int], threshold: Optional[float], rooms_only:
 
 @dataclass(frozen=True)
 class ImageInput:
-    """One image of a request, before it is read: a URL or an uploaded temp file."""
+    """One image of a request, before it is read: a URL, or an upload (its bytes, as the request guard read
+    them, or the temp file BentoML wrote when the guard passed the request on as it came)."""
 
     name: str
     url: Optional[str] = None
-    path: Optional[Path] = None
+    upload: bytes | Path | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,8 +210,13 @@ IMAGE = bentoml.images.Image(base_image=f"python:{sys.version_info.major}.{sys.v
                              distro=None)  # type: ignore[arg-type]
 
 
+# BentoML's tracing middleware opens three spans per request even when none is sampled (its default): 0.3-0.6 ms
+# of CPU per request (docs/serving-profile.md). The classify routes skip it unless RC_REQUEST_TRACING is on.
+TRACING = {} if CONFIG.request_tracing else {"tracing": {"excluded_urls": list(CLASSIFY_ROUTES)}}
+
+
 @bentoml.service(name="room_classifier", workers=CONFIG.workers, traffic={"timeout": BENTOML_TIMEOUT_S},
-                 image=IMAGE)
+                 image=IMAGE, **TRACING)  # type: ignore[arg-type]
 @bentoml.asgi_app(health_app, path="/")
 class RoomClassifier:
     """Classifies photos as bathroom / bedroom / kitchen / living_room, or `other`: none of them."""
@@ -261,7 +269,8 @@ class RoomClassifier:
         try:
             with metrics.timed("handler"):
                 info = await self.require_model(explain)
-                item = single_input(image_url, image)
+                uploads = uploaded_files("image")
+                item = single_input(image_url, uploads[0] if uploads else image)
                 pixels, view = await self.load_input(item, info, explain)
                 options = answer_options(top_k, threshold, rooms_only, explain)
                 predictions, maps = await self.predict(pixels[None], info, options)
@@ -290,7 +299,7 @@ class RoomClassifier:
         try:
             with metrics.timed("handler"):
                 info = await self.require_model(explain)
-                items = batch_inputs(image_urls, images)
+                items = batch_inputs(image_urls, uploaded_files("images") or images)
                 pay_for_batch(len(items))  # with API keys on: one image per image
                 results = await self.classify_items(items, info, answer_options(top_k, threshold, rooms_only, explain))
         except ServiceError as exc:
@@ -339,9 +348,11 @@ class RoomClassifier:
             with metrics.timed("fetch"):
                 data: bytes | Path = await anyio.to_thread.run_sync(
                     fetch_url, item.url, self.url_policy, limiter=self.fetch_limiter, abandon_on_cancel=True)
+        elif isinstance(item.upload, bytes):  # in memory: its size is checked here, the temp file's in the thread
+            data = read_upload(item.upload, self.image_limits.max_bytes)
         else:
-            assert item.path is not None
-            data = item.path
+            assert item.upload is not None
+            data = item.upload
         with metrics.timed("decode"):
             return await anyio.to_thread.run_sync(self.decode_to_pixels, data, info, explain,
                                                   limiter=self.decode_limiter)
@@ -435,26 +446,27 @@ RoomClassifier.add_asgi_middleware(LoadSheddingMiddleware, max_concurrency=CONFI
                                    paths=CLASSIFY_ROUTES, retry_after_s=CONFIG.retry_after_s,
                                    max_waiting=CONFIG.max_queued, max_wait_s=CONFIG.queue_timeout_s)
 RoomClassifier.add_asgi_middleware(RequestGuardMiddleware, max_body_bytes=CONFIG.max_request_bytes,
-                                   file_fields=FILE_FIELDS, max_parts=CONFIG.max_images_per_request + 8)
+                                   file_fields=FILE_FIELDS, max_parts=CONFIG.max_images_per_request + 8,
+                                   upload_fields=UPLOAD_FIELDS)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Small helpers
 
 
-def single_input(image_url: Optional[str], image: Optional[Path]) -> ImageInput:
+def single_input(image_url: Optional[str], image: bytes | Path | None) -> ImageInput:
     if image_url is not None and image is not None:
         raise InputError(ErrorCode.CONFLICTING_INPUTS, "send either image_url or image, not both (use /classify_batch)")
     if image_url is not None:
         return ImageInput(name="image_url", url=image_url)
     if image is not None:
-        return ImageInput(name="image", path=image)
+        return ImageInput(name="image", upload=image)
     raise InputError(ErrorCode.MISSING_IMAGE, "send image_url (JSON or form field) or image (multipart file upload)")
 
 
-def batch_inputs(image_urls: list[str], images: list[Path]) -> list[ImageInput]:
+def batch_inputs(image_urls: list[str], images: list[bytes] | list[Path]) -> list[ImageInput]:
     items = [ImageInput(name=f"image_urls[{i}]", url=url) for i, url in enumerate(image_urls)]
-    items += [ImageInput(name=f"images[{i}]", path=path) for i, path in enumerate(images)]
+    items += [ImageInput(name=f"images[{i}]", upload=image) for i, image in enumerate(images)]
     if not items:
         raise InputError(ErrorCode.MISSING_IMAGE, "send image_urls and/or images (multipart files)")
     if len(items) > CONFIG.max_images_per_request:
@@ -463,11 +475,12 @@ def batch_inputs(image_urls: list[str], images: list[Path]) -> list[ImageInput]:
     return items
 
 
-def read_upload(path: Path, max_bytes: int) -> bytes:
-    size = path.stat().st_size
+def read_upload(upload: bytes | Path, max_bytes: int) -> bytes:
+    """An upload's bytes (read from BentoML's temp file if need be), refused beyond `max_bytes`."""
+    size = len(upload) if isinstance(upload, bytes) else upload.stat().st_size
     if size > max_bytes:
         raise InputError(ErrorCode.IMAGE_TOO_LARGE, f"the image is {size} bytes; the limit is {max_bytes} bytes")
-    return path.read_bytes()
+    return upload if isinstance(upload, bytes) else upload.read_bytes()
 
 
 def to_classification(prediction: Prediction, info: ModelInfo, heatmap: Heatmap | None = None) -> Classification:

@@ -1,6 +1,13 @@
 """Serving speed against the bare model, in one run: `wrk` drives the service, the bare loop sets the limit.
 
-For each photo size (the same real room photos re-encoded at 640x480 and 1600x1200) it measures:
+The photos are real listing-style room photos: 64 from `../shared/data/extra` (the House Rooms real-estate
+listing photos, 416x416, and Places365 room photos, 256x256; the four rooms in turn), each cropped to 4:3 and
+re-encoded as a baseline JPEG at quality 85 with 4:2:0 chroma (what listing sites and phones typically send;
+`--quality`) at 640x480 and 1600x1200 (`--sizes`). The sources are smaller than 1600x1200, so the large size
+is upscaled: smoother, hence fewer bytes, than a camera photo of that size, but decoded through the same path
+(Pillow's draft mode reads it at 1/4 scale).
+
+For each photo size it measures:
 
 - the bare in-process limit: `inference/` decode + preprocess + ONNX Runtime + postprocess in a plain loop,
   one process per core (images/s), and one process, one image at a time (ms/image);
@@ -49,6 +56,17 @@ from testkit.server import DEFAULT_SERVICE, start_bento_server
 
 WRK_DIR = Path(__file__).resolve().parent / "wrk"
 STAGE_METRIC = re.compile(r'^rc_stage_seconds_(sum|count)\{([^}]*)\}\s+([0-9.eE+-]+)$')
+
+
+LISTING_QUALITY = 85  # a typical listing-site / phone JPEG quality
+
+
+def benchmark_photos(data: Path, count: int, sizes: Sequence[str], out_dir: Path,
+                     quality: int = LISTING_QUALITY) -> dict[str, list[Path]]:
+    """size -> the same `count` real room photos (`../shared/data/extra`) re-encoded at that size, in
+    `out_dir/<size>/`."""
+    photos = find_room_photos(data, count)
+    return {size: write_jpegs(photos, parse_size(size), out_dir / size, quality=quality) for size in sizes}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,6 +243,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--photos", type=int, default=64)
     parser.add_argument("--sizes", default="640x480,1600x1200")
+    parser.add_argument("--quality", type=int, default=LISTING_QUALITY, help="JPEG quality of the re-encoded photos")
     parser.add_argument("--in-flight", default="32,1", help="comma-separated wrk connection counts")
     parser.add_argument("--modes", default="upload,url")
     parser.add_argument("--seconds", type=float, default=20.0, help="per wrk run")
@@ -251,8 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         home = stack.enter_context(temporary_model_home(None if args.tiny_model else os.environ.get(
             "BENTOML_HOME", str(Path.home() / "bentoml")), tag=args.model_tag))
         os.environ["BENTOML_HOME"] = home  # the bare loops (spawned) read the same model copy
-        photos = find_room_photos(args.data, args.photos)
-        files = {size: write_jpegs(photos, parse_size(size), workdir / size) for size in sizes}
+        files = benchmark_photos(args.data, args.photos, sizes, workdir, args.quality)
         host = stack.enter_context(nginx_serving(workdir))
         lists: dict[tuple[str, str], Path] = {}
         for size in sizes:

@@ -153,12 +153,15 @@ def load_first_frame(image: Image.Image) -> None:
 
 
 def apply_exif_orientation(image: Image.Image) -> Image.Image:
-    """Rotate/flip as the EXIF Orientation tag says. Broken EXIF is ignored, like browsers do."""
+    """Rotate/flip as the EXIF Orientation tag says. Broken EXIF is ignored, like browsers do.
+
+    In place: otherwise Pillow returns a copy of every upright photo, a second full-size image in memory
+    (+91 MiB peak for a 6000x4000 JPEG) and a memcpy per image."""
     try:
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception as exc:  # noqa: BLE001
         logger.debug("ignoring unreadable EXIF orientation: %s", exc)
-        return image
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

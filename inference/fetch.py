@@ -13,10 +13,11 @@
 - redirects are followed by hand, at most `max_redirects`, and every hop is vetted like the first; an
   https URL never redirects to plain http (`url_scheme_not_allowed`);
 - connect, per-read and total timeouts. The total deadline covers everything: DNS runs in a worker
-  thread that is abandoned at the deadline (getaddrinfo has no timeout of its own), and a watchdog timer
-  shuts the socket down at the deadline wherever http.client is blocked (TLS handshake, status and
-  header lines dripped a byte at a time, endless `100 Continue`, an endless chunked trailer). Without it
-  a hostile server could hold a worker thread, and so a concurrency slot, forever;
+  thread that is abandoned at the deadline (getaddrinfo has no timeout of its own), and a watchdog
+  (one thread for all downloads) shuts the socket down at the deadline wherever http.client is blocked
+  (TLS handshake, status and header lines dripped a byte at a time, endless `100 Continue`, an endless
+  chunked trailer). Without it a hostile server could hold a worker thread, and so a concurrency slot,
+  forever;
 - the body is read in chunks and the download stops as soon as it passes `max_bytes` (a declared
   Content-Length over the limit stops it before reading);
 - the response's Content-Type is ignored: the caller checks the bytes themselves (`decode_image`).
@@ -31,8 +32,11 @@ once in `inference.config`, whose `KernelConfig.url_policy()` builds a `UrlPolic
 from __future__ import annotations
 
 import functools
+import heapq
 import http.client
 import ipaddress
+import itertools
+import os
 import re
 import socket
 import ssl
@@ -276,7 +280,7 @@ class Watchdog:
     """Shuts the watched socket down at the deadline, so no blocking call inside http.client outlives it.
 
     Per-read timeouts cannot bound a server that sends a byte just before each one runs out; shutting
-    the socket down from a timer thread makes the blocked call return at once, wherever it is.
+    the socket down from another thread (`DEADLINES`) makes the blocked call return at once, wherever it is.
     """
 
     def __init__(self, deadline: float) -> None:
@@ -284,9 +288,7 @@ class Watchdog:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._stopped = False
-        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        DEADLINES.add(deadline, self._fire)
 
     def watch(self, sock: socket.socket) -> None:
         """Watch `sock` from now on (the TLS socket replaces the TCP one it wraps)."""
@@ -302,7 +304,6 @@ class Watchdog:
 
     def stop(self) -> None:
         """Before the socket is closed: its file descriptor may be reused by another socket afterwards."""
-        self._timer.cancel()
         with self._lock:
             self._stopped = True
             self._sock = None
@@ -314,6 +315,45 @@ class Watchdog:
             self.fired = True
             if self._sock is not None:
                 _shut_down(self._sock)
+
+
+class DeadlineThread:
+    """One daemon thread that calls each `add`ed function at its deadline (time.monotonic()), in deadline order.
+
+    It replaces a `threading.Timer` per download, which started and ended a thread each time. A stopped watchdog
+    stays queued until its deadline and then does nothing: downloads share one total timeout, so deadlines come
+    in order and a new one almost never wakes the thread.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked child has the queue but not the thread
+
+    def _reset(self) -> None:
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: float, fire: Callable[[], None]) -> None:
+        with self._changed:
+            heapq.heappush(self._queue, (deadline, next(self._order), fire))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fetch-deadlines", daemon=True)
+                self._thread.start()
+            elif self._queue[0][2] is fire:  # the earliest deadline now: the thread sleeps too long
+                self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queue or self._queue[0][0] > time.monotonic():
+                    self._changed.wait(self._queue[0][0] - time.monotonic() if self._queue else None)
+                _, _, fire = heapq.heappop(self._queue)
+            fire()
+
+
+DEADLINES = DeadlineThread()
 
 
 def _shut_down(sock: socket.socket) -> None:

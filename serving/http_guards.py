@@ -18,6 +18,11 @@ Added to the BentoML service with `add_asgi_middleware`, outermost first:
    413 (from Content-Length when declared, else while streaming), and form bodies must send file
    fields as real file parts. That last check closes a hole: given a *text* value for a file field,
    BentoML's form parser downloads it as a URL itself, outside our URL vetting, limits and timeouts.
+   Having parsed a multipart upload to a classify route (in memory: the body is in memory already), it
+   hands the files to the handler as bytes (`uploaded_files`) and BentoML the other fields as a JSON body,
+   so BentoML neither parses the body again nor writes each file to a temp file that the handler reads back
+   (together about a tenth of a request's CPU time, docs/serving-profile.md). Forms that BentoML would read
+   differently (a file in a field that is not this route's file field) are passed on as they came.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ import collections
 import json
 import logging
 import math
+from contextvars import ContextVar
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping, MutableMapping
 
 import anyio
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse
 
@@ -56,6 +62,16 @@ logger = logging.getLogger(__name__)
 
 SYSTEM_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
 MAX_FILENAME_BYTES = 200  # BentoML keeps the upload's name as a temp-file suffix; NAME_MAX is 255
+
+# The files of the request being handled, by field, as RequestGuardMiddleware read them; None when it passed
+# the request on as it came (then BentoML gives the handler temp-file paths).
+UPLOADS: ContextVar[Mapping[str, list[bytes]] | None] = ContextVar("rc_uploads", default=None)
+
+
+def uploaded_files(field: str) -> list[bytes]:
+    """The files this request sent in multipart field `field`, in memory; [] when there are none here."""
+    uploads = UPLOADS.get()
+    return uploads.get(field, []) if uploads is not None else []
 
 
 async def send_error(scope: Scope, receive: Receive, send: Send, error: ServiceError, retry_after_s: int | None = None,
@@ -271,13 +287,19 @@ class LoadSheddingMiddleware:
 
 
 class RequestGuardMiddleware:
-    """Bounded request bodies, and form bodies whose file fields carry files (see module docstring)."""
+    """Bounded request bodies, and form bodies whose file fields carry files (see module docstring).
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, file_fields: Iterable[str], max_parts: int) -> None:
+    `upload_fields` maps a route to its file field (`/classify` -> `image`): multipart uploads to those routes
+    reach the handler in memory, through `uploaded_files`.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, file_fields: Iterable[str], max_parts: int,
+                 upload_fields: Mapping[str, str] | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.file_fields = frozenset(file_fields)
         self.max_parts = max_parts
+        self.upload_fields = dict(upload_fields or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -289,35 +311,89 @@ class RequestGuardMiddleware:
         body = await read_body(receive, self.max_body_bytes)
         if body is None:
             return await self.too_large(scope, receive, send)
-        problem = await self.form_problem(headers, body)
+        form, problem = await self.read_form(headers, body)
         if problem is not None:
             return await send_error(scope, receive, send, InputError(ErrorCode.INVALID_UPLOAD, problem))
-        await self.app(scope, replay(body, receive), send)
+        taken = None
+        if form is not None:
+            taken = in_memory_request(form, self.upload_fields.get(scope["path"]), self.file_fields)
+            await form.close()
+        if taken is None:
+            return await self.app(scope, replay(body, receive), send)
+        del body, form  # the files were copied out: the raw body need not stay in memory while the handler runs
+        fields_json, files = taken
+        token = UPLOADS.set(files)
+        try:
+            await self.app(as_json_request(scope, len(fields_json)), replay(fields_json, receive), send)
+        finally:
+            UPLOADS.reset(token)
 
     async def too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_error(scope, receive, send, InputError(
             ErrorCode.REQUEST_TOO_LARGE, f"the request body is larger than {self.max_body_bytes} bytes"))
 
-    async def form_problem(self, headers: Headers, body: bytes) -> str | None:
-        """Parse a form body with Starlette's parser (the one BentoML uses) and check its file fields."""
+    async def read_form(self, headers: Headers, body: bytes) -> tuple[FormData | None, str | None]:
+        """A form body parsed with Starlette's parser (the one BentoML uses), files kept in memory, and what is
+        wrong with it (None: nothing); (None, None) for a body that is not a form."""
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            return None
+            return None, None
         if media_type == "multipart/form-data":
             parser: MultiPartParser | FormParser = MultiPartParser(
                 headers, single_chunk(body), max_files=self.max_parts, max_fields=self.max_parts)
+            parser.spool_max_size = self.max_body_bytes  # type: ignore[misc]  # files stay in memory, like the body
         else:
             parser = FormParser(headers, single_chunk(body), max_fields=self.max_parts)
         try:
             form = await parser.parse()
         except MultiPartException as exc:
-            return f"malformed form body: {exc.message}"
+            return None, f"malformed form body: {exc.message}"
         except Exception as exc:  # noqa: BLE001 - any parser failure on hostile bytes is the body's fault
-            return f"malformed form body ({type(exc).__name__})"
-        try:
-            return file_field_problem(form.multi_items(), self.file_fields)
-        finally:
+            return None, f"malformed form body ({type(exc).__name__})"
+        problem = file_field_problem(form.multi_items(), self.file_fields)
+        if problem is not None:
             await form.close()
+            return None, problem
+        return form, None
+
+
+def in_memory_request(form: FormData, file_field: str | None,
+                      file_fields: frozenset[str]) -> tuple[bytes, dict[str, list[bytes]]] | None:
+    """A multipart form as BentoML would read it, split into its other fields as a JSON body and its files
+    (in `file_field`) as bytes; None when the route takes no uploads in memory or BentoML would read the form
+    another way (a file part elsewhere, a value JSON cannot carry)."""
+    if file_field is None:
+        return None
+    files: dict[str, list[bytes]] = {}
+    fields: dict[str, Any] = {}
+    for name in form.keys():
+        if name == file_field:
+            values = form.getlist(name)
+            if not all(isinstance(value, UploadFile) for value in values):
+                return None
+            files[name] = [value.file.read() for value in values]  # type: ignore[union-attr]
+            continue
+        value = form[name]  # a field's last value, as BentoML reads it
+        if name in file_fields or isinstance(value, UploadFile):
+            return None
+        try:
+            fields[name] = json.loads(value)  # what BentoML does with form values: JSON, else the text
+        except json.JSONDecodeError:
+            fields[name] = value
+        except Exception:  # noqa: BLE001 - e.g. nesting too deep: leave such a form to BentoML
+            return None
+    try:
+        return json.dumps(fields, allow_nan=False).encode(), files
+    except ValueError:
+        return None
+
+
+def as_json_request(scope: Scope, length: int) -> Scope:
+    """The request's scope with a JSON body of `length` bytes instead of its form body."""
+    headers = [(name, value) for name, value in scope["headers"]
+               if name.lower() not in (b"content-type", b"content-length")]
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(length).encode())]
+    return {**scope, "headers": headers}
 
 
 def file_field_problem(items: list[tuple[str, str | UploadFile]], file_fields: frozenset[str]) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+import socket
 import socketserver
 import ssl
 import subprocess
@@ -213,6 +214,38 @@ def tls_dripper() -> Iterator[int]:
 
 def test_total_timeout_holds_during_a_dripping_tls_handshake(tls_dripper: int) -> None:
     assert within_total_timeout(f"https://localhost:{tls_dripper}/x.jpg") == "fetch_timeout"
+
+
+def test_deadlines_fire_in_order_from_one_thread() -> None:
+    deadlines = fetch.DeadlineThread()
+    fired: list[str] = []
+    now = time.monotonic()
+    for name, delay in [("late", 0.3), ("early", 0.1), ("never", 30.0)]:
+        deadlines.add(now + delay, lambda name=name: fired.append(name))
+    time.sleep(0.6)
+    assert fired == ["early", "late"]
+    threads = threading.active_count()
+    for _ in range(50):
+        deadlines.add(time.monotonic() + 0.05, lambda: None)
+    assert threading.active_count() == threads  # no thread per deadline
+
+
+def test_watchdog_shuts_its_socket_down_at_the_deadline_unless_stopped() -> None:
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        cut, spared = fetch.Watchdog(time.monotonic() + 0.1), fetch.Watchdog(time.monotonic() + 0.1)
+        cut.watch(pairs[0][0])
+        spared.watch(pairs[1][0])
+        spared.stop()
+        time.sleep(0.4)
+        assert cut.fired and pairs[0][0].recv(1) == b""  # shut down: reads end at once
+        assert not spared.fired
+        pairs[1][1].sendall(b"x")
+        assert pairs[1][0].recv(1) == b"x"
+    finally:
+        for pair in pairs:
+            for end in pair:
+                end.close()
 
 
 def test_slow_dns_counts_against_the_total_timeout() -> None:

@@ -133,6 +133,25 @@ def test_seed_json_request_still_works(server: BentoServer, offline: OnnxClassif
     assert_same_answer(response.json(), expected(offline, data))
 
 
+def test_a_form_the_guard_leaves_to_bentoml_gets_the_same_answer(server: BentoServer, offline: OnnxClassifier,
+                                                                  photos: dict[str, Path]) -> None:
+    # top_k as a file part: the request guard passes such a form on as it came, and the upload reaches the
+    # handler as BentoML's temp file instead of in memory.
+    data = photos["red"].read_bytes()
+    response = requests.post(server.url + "/classify", files={"image": ("red.jpg", data), "top_k": ("k.txt", b"2")},
+                             timeout=30)
+    assert response.status_code == 200, response.text
+    assert_same_answer(response.json(), expected(offline, data, top_k=2))
+    assert len(response.json()["top_k"]) == 2
+
+
+def test_classify_routes_skip_bentoml_tracing_by_default(server: BentoServer, photos: dict[str, Path]) -> None:
+    # RC_REQUEST_TRACING is off: BentoML's OpenTelemetry middleware (which sets this header) passes them by.
+    response = requests.post(server.url + "/classify", files={"image": ("red.jpg", photos["red"].read_bytes())},
+                             timeout=30)
+    assert response.status_code == 200 and "x-bentoml-request-id" not in response.headers
+
+
 def test_probabilities_are_a_sorted_softmax(client: bentoml.SyncHTTPClient, photos: dict[str, Path]) -> None:
     answer = client.classify(image=photos["red"])
     probabilities = [p for _, p in answer["probabilities"]]

@@ -14,6 +14,7 @@ from serving.http_guards import (
     RequestTimeoutMiddleware,
     enveloped,
     file_field_problem,
+    uploaded_files,
 )
 
 
@@ -108,6 +109,56 @@ def test_request_guard_stops_bodies_over_the_limit_while_streaming() -> None:
     assert asyncio.run(scenario([b"12345", b"678901"], [])) == 413  # no Content-Length: counted
     assert asyncio.run(scenario([b"1"], [(b"content-length", b"99")])) == 413  # declared: not read
     assert asyncio.run(scenario([b"12345", b"67890"], [])) == 0 and reached_app == [b"1234567890"]
+
+
+def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "xyz") -> bytes:
+    """A multipart/form-data body of (field, filename or None, content) parts."""
+    body = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def through_guard(path: str, body: bytes) -> dict[str, Any]:
+    """What the app behind RequestGuardMiddleware receives for a multipart POST of `body` to `path`."""
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = dict(scope["headers"])
+        seen.update(content_type=headers[b"content-type"], length=int(headers[b"content-length"]),
+                    body=(await receive())["body"], image=uploaded_files("image"), images=uploaded_files("images"))
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=xyz"), (b"content-length", str(len(body)).encode())]
+    guard = RequestGuardMiddleware(app, max_body_bytes=1 << 20, file_fields=("image", "images"), max_parts=8,
+                                   upload_fields={"/classify": "image", "/classify_batch": "images"})
+    asyncio.run(guard(http_scope(path, headers), receive, Recorder()))
+    return seen
+
+
+def test_uploads_reach_the_handler_in_memory_and_the_other_fields_as_json() -> None:
+    photo = b"\xff\xd8 photo bytes \r\n--not-the-boundary"
+    seen = through_guard("/classify", multipart([("image", "a.jpg", photo), ("top_k", None, b"2"),
+                                                 ("rooms_only", None, b"true"), ("image_url", None, b"http://x/")]))
+    assert seen["content_type"] == b"application/json" and seen["length"] == len(seen["body"])
+    assert json.loads(seen["body"]) == {"top_k": 2, "rooms_only": True, "image_url": "http://x/"}
+    assert seen["image"] == [photo] and seen["images"] == []
+    batch = through_guard("/classify_batch", multipart([("images", "a.jpg", b"one"), ("images", "b.jpg", b"two")]))
+    assert json.loads(batch["body"]) == {} and batch["images"] == [b"one", b"two"]
+
+
+def test_forms_bentoml_reads_otherwise_are_passed_on_as_they_came() -> None:
+    for path, parts in [("/classify", [("images", "a.jpg", b"one")]),  # a file in another route's file field
+                        ("/classify", [("image", "a.jpg", b"one"), ("top_k", "k.txt", b"2")]),  # a file as a value
+                        ("/classify", [("image", "a.jpg", b"one"), ("threshold", None, b"NaN")]),  # not JSON
+                        ("/other", [("image", "a.jpg", b"one")])]:  # a route without in-memory uploads
+        body = multipart(parts)
+        seen = through_guard(path, body)
+        assert seen["content_type"].startswith(b"multipart/form-data") and seen["body"] == body
+        assert seen["image"] == [] and seen["images"] == []
 
 
 def test_request_timeout_answers_504_in_our_envelope_unless_the_answer_started() -> None:
