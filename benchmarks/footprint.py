@@ -173,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_with_home(home, ["-m", "benchmarks.footprint", "--register-stand-in", "--arch", args.arch,
                                  "--weights-dir", str(args.weights_dir)], timeout_s=600)
         env = {"BENTOML_HOME": home}
+        if args.model_home:  # the copied model, which the service must be told to serve
+            env["RC_MODEL_TAG"] = args.model_tag
         starts = [cold_start_s(env) for _ in range(args.starts)]
         server = stack.enter_context(start_bento_server(env=env))
         idle_rss = server.rss_bytes() / MIB

@@ -286,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
         report["bare"] = {size: {"images_per_s": v[0], "ms_per_image": v[1]} for size, v in bare.items()}
 
-        env = {"BENTOML_HOME": home, "RC_URL_ALLOWLIST": "127.0.0.1/32"}
+        env = {"BENTOML_HOME": home, "RC_URL_ALLOWLIST": "127.0.0.1/32",
+               "RC_MODEL_TAG": "room_classifier:latest" if args.tiny_model else args.model_tag}
         rows: list[Row] = []
         started = time.perf_counter()
         with start_bento_server(args.service, env=env) as server:
