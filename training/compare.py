@@ -122,9 +122,10 @@ def teacher_row(data: Path, out_dir: Path, weights_dir: Path | None, soft_target
 def format_cell(column: str, value: Any) -> str:
     if value is None:
         return "-"
-    if isinstance(value, str):
-        return value
-    return f"{value:.4f}" if "accuracy" in column or "f1" in column or "ece" in column else f"{value:.2f}"
+    if isinstance(value, (str, int)):
+        return str(value)
+    scores = ("accuracy", "f1", "ece", "as_other")
+    return f"{value:.4f}" if any(score in column for score in scores) else f"{value:.2f}"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
