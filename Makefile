@@ -10,7 +10,7 @@ OUT ?= artifacts
 PROFILE ?= default
 ARCH ?=  # empty: the profile's backbone (`python -m training --help` lists both and the choices)
 # The default profile distils from CSAIL's Places365 network (its file in $(WEIGHTS)/places365; README
-# "Distillation"): TRAIN_ARGS="--kd-alpha 0" trains without it. `make compare` runs each backbone both ways.
+# "Distillation"): TRAIN_ARGS="--kd-alpha 0" trains without it. `make compare` runs each MobileNet both ways.
 TRAIN_ARGS ?=
 RUN_DIR ?= runs/$(PROFILE)
 # The model-store name `make train` adds a version to; the service serves RC_MODEL_TAG (room_classifier:latest).
@@ -37,7 +37,7 @@ BULK_ARGS ?=
 # setup: everything (training, tests, bulk, the browser for the page's tests); `make serve` needs only serving.
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml serving-requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[train,dev]"
@@ -45,7 +45,7 @@ $(VENV)/.installed: pyproject.toml
 	command -v helm >/dev/null || scripts/deploy/install_helm.sh
 	touch $@
 
-$(VENV)/.serving: pyproject.toml
+$(VENV)/.serving: pyproject.toml serving-requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e .
@@ -72,7 +72,7 @@ compare: setup
 
 bento: $(BENTO)
 
-$(BENTO): $(REGISTERED) service.py bentofile.yaml $(wildcard inference/*.py serving/*.py serving/static/*) | $(VENV)/.installed
+$(BENTO): $(REGISTERED) service.py bentofile.yaml serving-requirements.txt $(wildcard inference/*.py serving/*.py serving/static/*) | $(VENV)/.installed
 	$(VENV)/bin/bentoml build
 	touch $@
 

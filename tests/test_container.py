@@ -18,6 +18,7 @@ if they exist.
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import os
@@ -71,15 +72,29 @@ def test_bentofile_is_a_valid_bentoml_build_config():
 
     config = BentoBuildConfig.from_yaml(io.StringIO((REPO / "bentofile.yaml").read_text()))
     assert config.service == "service:RoomClassifier"
-    assert config.docker.python_version == "3.11"
+    assert config.docker.python_version is None  # the image, its Python included, is declared in service.py only
     # users elsewhere keep BentoML's default base image; local bases come from build_image.sh
     assert config.docker.base_image is None
 
 
-def test_bentofile_packs_exactly_the_serving_dependencies():
-    packages = load_bentofile()["python"]["packages"]
+def serving_requirements() -> list[str]:
+    lines = (REPO / "serving-requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_serving_dependencies_are_declared_once():
+    """serving-requirements.txt is the package's dependency list and the bento's: nothing repeats it."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert sorted(packages) == sorted(pyproject["project"]["dependencies"])
+    assert "dependencies" not in pyproject["project"] and "dependencies" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["dependencies"] == {"file": ["serving-requirements.txt"]}
+    assert load_bentofile()["python"] == {"requirements_txt": "./serving-requirements.txt"}
+    installed = {Requirement(r).name for r in importlib.metadata.requires("room-classifier") or []
+                 if "extra ==" not in r}
+    assert installed == {Requirement(line).name for line in serving_requirements()}
+
+
+def test_bentofile_packs_exactly_the_serving_dependencies():
+    packages = serving_requirements()
     names = {Requirement(package).name for package in packages}
     # no training stack; only what serving imports, plus uvicorn's fast event loop and HTTP parser
     assert names == {"bentoml", "onnxruntime", "numpy", "pillow", "anyio", "starlette", "pydantic",
