@@ -36,7 +36,7 @@ from typing import Sequence
 
 import psutil
 
-from benchmarks.speed import LISTING_QUALITY, WrkResult, bare_pipeline, benchmark_photos, run_wrk
+from benchmarks.speed import LISTING_QUALITY, WrkResult, bare_pipeline, benchmark_photos, request_lists, run_wrk
 from testkit.image_host import nginx_serving
 from testkit.photos import DEFAULT_DATA
 from testkit.server import REPO_ROOT, BentoServer, start_bento_server
@@ -299,13 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rc-cpu-")))
         files = benchmark_photos(args.data, args.photos, sizes, workdir, args.quality)
-        host = stack.enter_context(nginx_serving(workdir))
-        inputs: dict[tuple[str, str], Path] = {}
-        for size in sizes:
-            inputs[size, "upload"] = workdir / f"{size}.files"
-            inputs[size, "upload"].write_text("\n".join(str(f) for f in files[size]))
-            inputs[size, "url"] = workdir / f"{size}.urls"
-            inputs[size, "url"].write_text("\n".join(f"{host}/{size}/{f.name}" for f in files[size]))
+        inputs = request_lists(files, workdir, stack.enter_context(nginx_serving(workdir)))
         if args.bare_images:
             for size in sizes:
                 bare_us = bare_cpu_us_in_subprocess(args.model_tag, files[size], args.bare_images)

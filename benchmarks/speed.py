@@ -257,6 +257,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def request_lists(files: dict[str, list[Path]], workdir: Path, host: str) -> dict[tuple[str, str], Path]:
+    """wrk's inputs per (size, mode): the photo files to upload, and their URLs on the loopback nginx `host`."""
+    lists: dict[tuple[str, str], Path] = {}
+    for size, paths in files.items():
+        lists[size, "upload"] = workdir / f"{size}.files"
+        lists[size, "upload"].write_text("\n".join(str(path) for path in paths))
+        lists[size, "url"] = workdir / f"{size}.urls"
+        lists[size, "url"].write_text("\n".join(f"{host}/{size}/{path.name}" for path in paths))
+    return lists
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop servers and nginx on the way out
@@ -271,13 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "BENTOML_HOME", str(Path.home() / "bentoml")), tag=args.model_tag))
         os.environ["BENTOML_HOME"] = home  # the bare loops (spawned) read the same model copy
         files = benchmark_photos(args.data, args.photos, sizes, workdir, args.quality)
-        host = stack.enter_context(nginx_serving(workdir))
-        lists: dict[tuple[str, str], Path] = {}
-        for size in sizes:
-            lists[size, "upload"] = workdir / f"{size}.files"
-            lists[size, "upload"].write_text("\n".join(str(f) for f in files[size]))
-            lists[size, "url"] = workdir / f"{size}.urls"
-            lists[size, "url"].write_text("\n".join(f"{host}/{size}/{f.name}" for f in files[size]))
+        lists = request_lists(files, workdir, stack.enter_context(nginx_serving(workdir)))
 
         bare = {size: (bare_throughput(args.model_tag, files[size], cores, args.seconds / 2),
                        bare_latency_ms(args.model_tag, files[size], args.seconds / 4, 1)) for size in sizes}
