@@ -116,14 +116,21 @@ needs_places365 = pytest.mark.skipif(not PLACES365_FILE.is_file(),
                                      reason=f"{PLACES365_FILE} absent (CI has ../shared beside the clone)")
 
 
+@pytest.fixture
+def empty_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch hub cache for this test only. Another test may have pinned the hub folder with
+    torch.hub.set_dir (which wins over TORCH_HOME); monkeypatch restores whatever was there."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
 @needs_places365
-def test_the_scene_student_is_csails_network_loaded_strictly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_scene_student_is_csails_network_loaded_strictly(empty_hub: Path) -> None:
     """Seeded from --weights-dir into the hub cache, the student is the teacher's network (every weight the
     same, no stem max-pool) with a fresh 5-way head; the max-pool variant differs only by that layer."""
     from training.backbones import seed_hub_cache
     from training.teacher import load_teacher
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     copied = seed_hub_cache(WEIGHTS)
     assert PLACES365_FILE.name in {path.name for path in copied}
     teacher = load_teacher(["bathroom", "bedroom", "kitchen", "living_room"], WEIGHTS).network
@@ -139,11 +146,10 @@ def test_the_scene_student_is_csails_network_loaded_strictly(tmp_path: Path, mon
     assert [name for name, _ in model.stem.named_children()][-1] == "layer2"  # layer3 and layer4 fine-tuned
 
 
-def test_scene_student_without_its_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scene_student_without_its_file_is_a_clear_error(empty_hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No checkpoint and no network: a WeightsUnavailable naming the file and where to put it."""
     from training.backbones import WeightsUnavailable
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
                         lambda *args, **kwargs: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(WeightsUnavailable, match="wideresnet18_places365.pth.tar"):
