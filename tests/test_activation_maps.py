@@ -60,6 +60,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     seed_hub_cache(WEIGHTS)
     photos = photo_folders()
     labels = list(photos)
+    torch.manual_seed(0)  # the new head's initial weights: the same fit whatever ran before in this process
     model = build_stem_tail("mobilenet_v2", len(labels)).eval()
     fit = [(load_rgb(path), index) for index, label in enumerate(labels) for path in photos[label][:FIT_PER_CLASS]]
     batch = torch.from_numpy(preprocess_batch([image for image, _ in fit], CONFIG))
