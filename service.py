@@ -54,10 +54,10 @@ logger = logging.getLogger("bentoml.service.room_classifier")
 
 CONFIG = ServiceConfig.from_env()
 MODEL = bentoml.models.BentoModel(CONFIG.model_tag)
-CLASSIFY_ROUTES = ("/classify", "/classify_batch")
+UPLOAD_FIELDS = {"/classify": "image", "/classify_batch": "images"}  # the routes that run the model: their file field
+CLASSIFY_ROUTES = tuple(UPLOAD_FIELDS)
+FILE_FIELDS = tuple(UPLOAD_FIELDS.values())
 HEALTH_ROUTES = ("/health",)
-FILE_FIELDS = ("image", "images")
-UPLOAD_FIELDS = {"/classify": "image", "/classify_batch": "images"}  # each route's file field
 # RequestTimeoutMiddleware answers at RC_REQUEST_TIMEOUT_S in our error shape; BentoML's own timeout
 # (another shape) only catches what it could not, e.g. a decode still running when the time is up.
 BENTOML_TIMEOUT_S = CONFIG.request_timeout_s + 5.0
