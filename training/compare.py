@@ -31,14 +31,14 @@ COLUMNS = ("arch", "input_px", "kd", "val_accuracy", "test_accuracy", "test_room
            "ort_batch16_ms", "int8_batch1_ms", "int8_batch16_ms", "train_minutes")
 
 
-def row_from_report(arch: str, kd: str, report: dict[str, Any], params_m: float, onnx_bytes: int,
+def row_from_report(arch: str, input_px: int, kd: str, report: dict[str, Any], params_m: float, onnx_bytes: int,
                     train_minutes: float | None, int8: dict[str, Any] | None = None) -> dict[str, Any]:
     """One table row. Room accuracy counts `other` as wrong on room photos (the rooms' rate); for a four-label
     model it is the plain accuracy. `int8`: the quantized file's latency, where one was made."""
     openset = report.get("openset", {}).get("test")
     by_source = openset["room_accuracy_by_source"] if openset else report["test_by_source"]
     calibration = report["calibration"]
-    row = {"arch": arch, "kd": kd, "val_accuracy": report["val"]["accuracy"],
+    row = {"arch": arch, "input_px": input_px, "kd": kd, "val_accuracy": report["val"]["accuracy"],
            "test_accuracy": report["test"]["accuracy"],
            "test_room_accuracy": openset["room_accuracy"] if openset else report["test"]["accuracy"],
            "test_macro_f1": report["test"]["macro"]["f1"],
@@ -100,22 +100,21 @@ def compare_one(data: Path, run_dir: Path, recipe: Recipe, weights_dir: Path | N
     report = json.loads((run_dir / "report" / "report.json").read_text())
     int8 = json.loads((run_dir / "int8_vs_fp32.json").read_text())["int8"]
     model, _ = load_trained(run_dir)
-    row = row_from_report(recipe.arch, kd, report, sum(p.numel() for p in model.parameters()) / 1e6, export["bytes"],
-                          minutes, int8)
-    row["input_px"] = recipe.preprocessing["image_size"]
+    row = row_from_report(recipe.arch, recipe.preprocessing["image_size"], kd, report,
+                          sum(p.numel() for p in model.parameters()) / 1e6, export["bytes"], minutes, int8)
     saved.write_text(json.dumps({"recipe": asdict(recipe), "dataset_fingerprint": fingerprint, "row": row}, indent=2))
     return row
 
 
 def teacher_row(data: Path, out_dir: Path, weights_dir: Path | None, soft_target_dir: Path | None) -> dict[str, Any]:
     from training.distill import teacher_report
+    from training.teacher import TEACHER_TRANSFORM
 
     report = teacher_report(data, weights_dir, out_dir, soft_target_dir)
     minutes = sum(cost["seconds"] for cost in report["teacher_pass"].values()) / 60
-    row = row_from_report("places365_wideresnet18 (teacher)", "zero-shot", report, report["params_m"],
-                          report["onnx_bytes"], None)
+    row = row_from_report("places365_wideresnet18 (teacher)", TEACHER_TRANSFORM.image_size, "zero-shot", report,
+                          report["params_m"], report["onnx_bytes"], None)
     row["teacher_pass_minutes"] = minutes
-    row["input_px"] = 224
     return row
 
 
