@@ -280,9 +280,9 @@ def test_scene_head_reads_the_pooled_features_and_leaves_the_class_logits_alone(
 @needs_teacher
 def test_compare_has_the_teacher_row_a_distilled_student_and_the_audit(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """`compare` on a tiny real split: the teacher's zero-shot row, a distilled student trained through the
-    real recipe (reusing the teacher's cached outputs: another student computes nothing), and the label audit
-    listing a photo filed under the wrong class without dropping it."""
+    """`compare` on a tiny real split: the teacher's zero-shot and fine-tuned-head rows, a student distilled from
+    the fine-tuned teacher through the real recipe (reusing the teacher's cached outputs: another student computes
+    nothing), and the label audit listing a photo filed under the wrong class without dropping it."""
     from dataclasses import replace
 
     from training.backbones import seed_hub_cache
@@ -294,12 +294,15 @@ def test_compare_has_the_teacher_row_a_distilled_student_and_the_audit(tmp_path:
     data = split_tree(tmp_path / "data", {"train": 3, "val": 2, "test": 2})
     wrong = photos("kitchen", 1, 25)[0]  # a kitchen photo (the teacher: kitchen 1.00) filed as a bedroom
     shutil.copyfile(wrong, data / "train" / "bedroom" / f"house_rooms__{wrong.name}")
-    recipe = replace(PROFILES["quick"], warmup_epochs=1, epochs=2, views=2, kd_alpha=0.5, kd_temperature=2.0)
+    recipe = replace(PROFILES["quick"], warmup_epochs=1, epochs=2, views=2, kd_alpha=0.5, kd_temperature=2.0,
+                     kd_teacher="fine_tuned")
     arguments = dict(teacher=True, weights_dir=WEIGHTS, soft_target_dir=tmp_path / "cache")
     rows = compare(data, tmp_path / "compare", ["mobilenet_v3_small"], recipe, "on", **arguments)
 
-    assert [row["kd"] for row in rows] == ["zero-shot", "alpha 0.5, T 2.0"]
-    teacher_row, student_row = rows
+    assert [row["kd"] for row in rows] == ["zero-shot", "fine-tuned head", "alpha 0.5, T 2.0, fine-tuned teacher"]
+    teacher_row, head_row, student_row = rows
+    assert head_row["ort_batch1_ms"] == teacher_row["ort_batch1_ms"]  # the same network, a head of 365 x 4 weights
+    assert 0.0 <= head_row["test_accuracy"] <= 1.0
     table = (tmp_path / "compare" / "compare.md").read_text()
     teacher_line = next(line for line in table.splitlines() if "(teacher)" in line)
     assert f"{teacher_row['test_accuracy']:.4f}" in teacher_line

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from training.backbones import BACKBONES, WeightsUnavailable, seed_hub_cache
-from training.recipe import DISTILL_CHOICES, PROFILES, recipe_from_args
+from training.recipe import DISTILL_CHOICES, KD_TEACHERS, PROFILES, recipe_from_args
 
 STEPS = ("train", "export", "evaluate", "register", "run", "compare", "teacher")
 STEPS_READING_DATA = ("train", "export", "evaluate", "run", "compare", "teacher")  # `register` reads the run only
@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     kd.add_argument("--kd-temperature", type=float, help="softmax temperature of the distillation term")
     kd.add_argument("--kd-scene-weight", type=float,
                     help="weight of the all-365-scenes term (an auxiliary head, not exported; 0 = off)")
+    kd.add_argument("--kd-teacher", choices=KD_TEACHERS,
+                    help="the teacher's belief the student learns: zero_shot (its grouped scenes) or fine_tuned "
+                         "(a linear head fitted on its scene outputs, cross-fitted on the training photos)")
     kd.add_argument("--soft-target-dir", type=Path, help="soft-target cache (default: $TORCH_HOME/soft_targets)")
     kd.add_argument("--distill", choices=DISTILL_CHOICES, default="both", help="`compare`: students without/with KD")
     kd.add_argument("--no-teacher-row", action="store_true", help="`compare`: leave out the teacher's row")
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_per_class=args.max_per_class,
                               pretrained=False if args.random_init else None,
                               kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature,
-                              kd_scene_weight=args.kd_scene_weight)
+                              kd_scene_weight=args.kd_scene_weight, kd_teacher=args.kd_teacher)
     teacher_args = {"weights_dir": args.weights_dir, "soft_target_dir": args.soft_target_dir}
     try:
         if args.step == "train":

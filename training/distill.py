@@ -32,6 +32,7 @@ from training.soft_targets import (  # noqa: E402
     teacher_scene_logits,
 )
 from training.teacher import TEACHER_TRANSFORM, Places365Teacher, load_teacher, scene_names  # noqa: E402
+from training.teacher_head import fit_teacher_head  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 AUDIT_CONFIDENCE = 0.9  # the teacher's probability (over our four rooms) for a class other than the label
@@ -157,34 +158,49 @@ def teacher_report(data: Path, weights_dir: Path | None, out_dir: Path, cache_di
                    latency: bool = True) -> dict[str, Any]:
     """Zero-shot scores of the teacher's room outputs (each room the sum of its scenes, `other` every other
     scene; temperature fitted on val), with `other` its open-set scores too, its latency in ONNX Runtime as the
-    students are measured, and the label audit; the compare table's teacher row."""
+    students are measured, and the label audit; the compare table's teacher row. `fine_tuned`: the same scores
+    for the teacher with a linear head fitted on its training photos' scene outputs (training/teacher_head.py),
+    the teacher a `fine_tuned` recipe distils from."""
     passed = teacher_pass(data, weights_dir, cache_dir, ("train", "val", "test"))
     teacher, labels = passed["teacher"], passed["labels"]
-    val_logits = room_logits(passed["scene_logits"]["val"], teacher)
-    test_logits = room_logits(passed["scene_logits"]["test"], teacher)
-    val_targets = np.array([s.label for s in passed["samples"]["val"]])
-    test_targets = np.array([s.label for s in passed["samples"]["test"]])
-    temperature = fit_temperature(val_logits, val_targets)
-    report: dict[str, Any] = {
-        "labels": labels, "temperature": temperature,
-        "val": classification_report(val_targets, val_logits.argmax(axis=1), labels),
-        "test": classification_report(test_targets, test_logits.argmax(axis=1), labels),
-        "test_by_source": accuracy_by_source(passed["samples"]["test"], test_targets, test_logits.argmax(axis=1)),
-        "calibration": {"before": calibration_bins(softmax(test_logits), test_targets),
-                        "after": calibration_bins(softmax(test_logits, temperature), test_targets)},
-        "teacher_pass": passed["cost"],
-        "params_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
-    }
-    if OTHER in labels:
-        seen = other_scenes_of(passed["samples"]["train"], labels)
-        report["openset"] = {split: openset_scores(logits, passed["samples"][split], labels, temperature, seen)
-                             for split, logits in (("val", val_logits), ("test", test_logits))}
+    scenes = passed["scene_logits"]
+    report: dict[str, Any] = {"labels": labels, **scores(room_logits(scenes["val"], teacher),
+                                                         room_logits(scenes["test"], teacher), passed)}
+    train_targets = torch.tensor([s.label for s in passed["samples"]["train"]])
+    head = fit_teacher_head(torch.from_numpy(scenes["train"]), train_targets, len(labels))
+    with torch.no_grad():
+        report["fine_tuned"] = scores(head(torch.from_numpy(scenes["val"])).numpy(),
+                                      head(torch.from_numpy(scenes["test"])).numpy(), passed)
+    report["teacher_pass"] = passed["cost"]
+    report["params_m"] = sum(p.numel() for p in teacher.parameters()) / 1e6
     if latency:
         report["latency"], report["onnx_bytes"] = teacher_latency(teacher, out_dir)
     report["label_audit"] = label_audit(data, teacher, out_dir, weights_dir, cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "teacher_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def scores(val_logits: np.ndarray, test_logits: np.ndarray, passed: dict[str, Any]) -> dict[str, Any]:
+    """The teacher's val/test report on our labels from its logits on them (temperature fitted on val)."""
+    labels = passed["labels"]
+    val_targets = np.array([s.label for s in passed["samples"]["val"]])
+    test_targets = np.array([s.label for s in passed["samples"]["test"]])
+    temperature = fit_temperature(val_logits, val_targets)
+    result: dict[str, Any] = {
+        "temperature": temperature,
+        "val": classification_report(val_targets, val_logits.argmax(axis=1), labels),
+        "test": classification_report(test_targets, test_logits.argmax(axis=1), labels),
+        "test_by_source": accuracy_by_source(passed["samples"]["test"], test_targets, test_logits.argmax(axis=1)),
+        "calibration": {"before": calibration_bins(softmax(test_logits), test_targets),
+                        "after": calibration_bins(softmax(test_logits, temperature), test_targets),
+                        "val_after": calibration_bins(softmax(val_logits, temperature), val_targets)},
+    }
+    if OTHER in labels:
+        seen = other_scenes_of(passed["samples"]["train"], labels)
+        result["openset"] = {split: openset_scores(logits, passed["samples"][split], labels, temperature, seen)
+                             for split, logits in (("val", val_logits), ("test", test_logits))}
+    return result
 
 
 def teacher_latency(teacher: Places365Teacher, out_dir: Path) -> tuple[dict[str, float], int]:

@@ -107,7 +107,8 @@ def evaluate_step(data: Path, run_dir: Path, int8: bool = False) -> dict[str, An
     extra = {"architecture": checkpoint["recipe"]["arch"], "dataset_fingerprint": checkpoint["dataset_fingerprint"]}
     if checkpoint["recipe"].get("kd_alpha", 0) > 0:
         kd = checkpoint["recipe"]
-        extra["distillation"] = (f"Places365 teacher, alpha {kd['kd_alpha']}, T {kd['kd_temperature']}"
+        kind = kd.get("kd_teacher", "zero_shot").replace("_", "-")
+        extra["distillation"] = (f"Places365 teacher ({kind}), alpha {kd['kd_alpha']}, T {kd['kd_temperature']}"
                                  + (f", all-scenes weight {kd['kd_scene_weight']}"
                                     if kd.get("kd_scene_weight") else ""))
     audit = checkpoint["history"].get("label_audit")

@@ -32,6 +32,7 @@ class Recipe:
     kd_alpha: float = 0.0  # weight of the distillation term; 0 = no teacher, plain cross-entropy
     kd_temperature: float = 2.0
     kd_scene_weight: float = 0.0  # weight of the all-365-scenes term (auxiliary head, not exported); 0 = off
+    kd_teacher: str = "zero_shot"  # the teacher's belief among our labels: see KD_TEACHERS
     workers: int = 2
     pretrained: bool = True
     preprocessing: dict[str, Any] = field(default_factory=lambda: Preprocessing().to_dict())
@@ -42,8 +43,16 @@ class Recipe:
     def uses_teacher(self) -> bool:
         return self.kd_alpha > 0 or self.kd_scene_weight > 0
 
+    def __post_init__(self) -> None:
+        if self.kd_teacher not in KD_TEACHERS:
+            raise ValueError(f"kd_teacher must be one of {KD_TEACHERS}, got {self.kd_teacher!r}")
 
-DISTILL_CHOICES = ("off", "on", "both")  # `compare`: students without and/or with the teacher
+
+DISTILL_CHOICES = ("off", "on", "both")
+# What the student learns from the teacher on our labels (training/soft_targets.py `distillation_targets`):
+# "zero_shot": its grouped scenes, on the label's side of room-or-other; "fine_tuned": the five-way belief of a
+# linear head fitted on its scene outputs (training/teacher_head.py), cross-fitted on the training photos.
+KD_TEACHERS = ("zero_shot", "fine_tuned")  # `compare`: students without and/or with the teacher
 
 # Settings of experiments that were removed (docs/experiments.md): checkpoints written before hold them.
 RETIRED_FIELDS = ("kd_teacher_views", "soup", "drop_audited", "fresh_views")

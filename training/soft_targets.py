@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data_prep.common import OTHER
 from training.data import Sample, load_rgb
 from training.places365 import CHECKPOINT_NAME
 from training.teacher import (
@@ -33,6 +34,7 @@ from training.teacher import (
     grouped_log_probabilities,
     teacher_preprocess,
 )
+from training.teacher_head import cross_fitted_logits
 
 CHUNK_SIZE = 256  # images per file written: what an interrupted pass can lose at most
 
@@ -180,3 +182,14 @@ def on_the_labels_side(log_probabilities: torch.Tensor, targets: torch.Tensor, o
 def room_logits(scene_logits: torch.Tensor | np.ndarray, teacher: Places365Teacher) -> np.ndarray:
     """The teacher's log-probabilities of our classes, in the model's label order (logits for a softmax)."""
     return grouped_log_probabilities(torch.as_tensor(scene_logits), teacher.membership.cpu()).numpy()
+
+
+def distillation_targets(scene_logits: torch.Tensor, teacher: Places365Teacher, targets: torch.Tensor,
+                         labels: list[str], kind: str) -> torch.Tensor:
+    """[N, labels] what the student learns from the teacher on each training photo (`Recipe.kd_teacher`):
+    "zero_shot", the teacher's grouped scenes on the label's side of room-or-other; "fine_tuned", the five-way
+    logits of a linear head on its scene outputs, each photo's from a head fitted without it."""
+    if kind == "fine_tuned":
+        return cross_fitted_logits(scene_logits.float(), targets, len(labels))
+    other_index = labels.index(OTHER) if OTHER in labels else None
+    return on_the_labels_side(torch.from_numpy(room_logits(scene_logits, teacher)).float(), targets, other_index)

@@ -86,7 +86,7 @@ def prepare(model: StemTail, data_root: Path, labels: list[str], recipe: Recipe,
             weights_dir: Path | None = None, soft_target_dir: Path | None = None) -> Prepared:
     """Cache the stem's outputs (and, when the recipe distils, the teacher's logits from the soft-target cache)."""
     from training.distill import centre_scene_logits, load_teacher_for
-    from training.soft_targets import on_the_labels_side, room_logits
+    from training.soft_targets import distillation_targets
 
     config = Preprocessing.from_dict(recipe.preprocessing)
     train_samples = list_samples(data_root, "train", labels, recipe.max_per_class)
@@ -98,12 +98,12 @@ def prepare(model: StemTail, data_root: Path, labels: list[str], recipe: Recipe,
         teacher = load_teacher_for(labels, weights_dir)
         scenes, cost = centre_scene_logits(teacher, data_root, train_samples, soft_target_dir)
         if recipe.kd_alpha > 0:
-            teacher_logits = on_the_labels_side(torch.from_numpy(room_logits(scenes, teacher)).float(),
-                                                torch.tensor([s.label for s in train_samples]),
-                                                labels.index(OTHER) if OTHER in labels else None)
+            teacher_logits = distillation_targets(scenes, teacher, torch.tensor([s.label for s in train_samples]),
+                                                  labels, recipe.kd_teacher)
     print(f"{recipe.arch}: {len(train_samples)} train / {len(val_samples)} val images, "
           f"stem = first {recipe.stem_cut()} blocks, {recipe.views} cached views, device {device}"
-          + (f", distillation alpha {recipe.kd_alpha} T {recipe.kd_temperature}" if recipe.kd_alpha > 0 else "")
+          + (f", distillation ({recipe.kd_teacher} teacher) alpha {recipe.kd_alpha} T {recipe.kd_temperature}"
+             if recipe.kd_alpha > 0 else "")
           + (f", scene distillation weight {recipe.kd_scene_weight}" if recipe.kd_scene_weight > 0 else ""))
     train_cache = cache_views(model.stem, train_samples, recipe, config, device, recipe.views, "train")
     val_cache = cache_views(model.stem, val_samples, recipe, config, device, 1, "val")[0]
