@@ -251,3 +251,22 @@ def test_a_checkpoint_from_before_the_experiments_were_removed_still_loads() -> 
     assert recipe_from_checkpoint(saved) == PROFILES["default"]
     with pytest.raises(ValueError, match="unknown settings"):
         recipe_from_checkpoint({**saved, "mystery": 1})
+
+
+def test_the_scene_head_profile_freezes_every_block_and_trains_only_a_new_classifier() -> None:
+    """`scene_head`: the Places365 network's whole body is the cached stem (at its own 224 px); the fine-tune's
+    optimizer holds the classifier alone, and the exported network is still stem + tail."""
+    from dataclasses import replace
+
+    from training.recipe import PROFILES
+    from training.trainer import build_model, start_fine_tune
+
+    recipe = replace(PROFILES["scene_head"], pretrained=False)
+    model = build_model(recipe, 5, torch.device("cpu"))
+    assert model.tail_body_parameters() == []
+    optimizer, _ = start_fine_tune(model, None, recipe, steps=3)
+    trained = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    assert {id(p) for p in trained} == {id(p) for p in model.head.parameters()}
+    with torch.no_grad():
+        features = model.stem(torch.zeros(1, 3, 224, 224))
+        assert features.shape == (1, 512, 14, 14) and model(torch.zeros(1, 3, 224, 224)).shape == (1, 5)

@@ -156,15 +156,14 @@ def distill_variants(recipe: Recipe, distill: str) -> list[Recipe]:
 
 
 def variants_of(arch: str, recipe: Recipe, distill: str, out_dir: Path) -> list[tuple[Path, Recipe]]:
-    """What `compare` trains for `arch`, and where: its own profile where one exists (the scene networks: their
-    views, epochs and learning rates, one distilled row; a second row would cost another ~40 minutes here) in
-    that profile's run folder beside `out_dir` (runs/scene: what `make scene` trains is scored, not retrained),
-    else `recipe` on that backbone without and/or with distillation, in `out_dir`/<arch>[-kd]."""
+    """What `compare` trains for `arch`, and where: its own profiles where it has any (the scene networks: their
+    input sizes, views, epochs and learning rates, one row each; a second, undistilled row each would cost as much
+    again here) in each profile's run folder beside `out_dir` (runs/scene: what `make scene` trains is scored, not
+    retrained), else `recipe` on that backbone without and/or with distillation, in `out_dir`/<arch>[-kd]."""
     own = [(name, profile) for name, profile in PROFILES.items()
            if profile.arch == arch and profile.max_per_class is None]
     if own and arch != recipe.arch:
-        name, profile = own[0]
-        return [(out_dir.parent / name, profile)]
+        return [(out_dir.parent / name, profile) for name, profile in own]
     return [(out_dir / (arch + ("-kd" if variant.kd_alpha > 0 else "")), variant)
             for variant in distill_variants(replace(recipe, arch=arch, stem_blocks=None), distill)]
 

@@ -73,6 +73,10 @@ PROFILES: dict[str, Recipe] = {
     "scene": Recipe(arch="places365_resnet18", kd_alpha=KD_ALPHA, kd_temperature=KD_TEMPERATURE,
                     kd_scene_weight=KD_SCENE_WEIGHT, views=2, warmup_epochs=2, epochs=5, patience=2, lr_tail=1e-4,
                     head_lr_factor=10.0, preprocessing=Preprocessing(image_size=160, resize_size=183).to_dict()),
+    # "scene_head": the network as trained at its own 224 px, frozen through layer4 (its output cached once, the
+    # centre view only: a view costs ~15 min here); only a new classifier on the pooled features learns.
+    "scene_head": Recipe(arch="places365_resnet18", stem_blocks=8, views=1, warmup_epochs=4, epochs=4, patience=2,
+                         lr_tail=1e-4, head_lr_factor=10.0),
     "scene_maxpool": Recipe(arch="places365_resnet18_maxpool", kd_alpha=KD_ALPHA, kd_temperature=KD_TEMPERATURE,
                             kd_scene_weight=KD_SCENE_WEIGHT, views=2, warmup_epochs=2, epochs=5, patience=2,
                             lr_tail=2e-4, head_lr_factor=5.0),

@@ -36,7 +36,7 @@ from training.features import cache_views, cached_batches, predict_tail
 from training.losses import DistillationLoss, scene_head_for, tail_outputs
 from training.metrics import macro_f1
 from training.openset import set_operating_point
-from training.recipe import Recipe
+from training.recipe import Recipe, recipe_from_checkpoint
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler
 STAGE_NAMES = {"warmup": "warm-up", "finetune": "fine-tune"}  # history key -> what the log says
@@ -303,7 +303,7 @@ def load_checkpoint(path: Path, recipe: Recipe) -> dict[str, Any] | None:
     if not path.exists():
         return None
     state = torch.load(path, weights_only=False)
-    if state["recipe"] != asdict(recipe):
+    if recipe_from_checkpoint(state["recipe"]) != recipe:
         raise ValueError(f"{path} was written by another recipe; remove it or drop --resume")
     return state
 
