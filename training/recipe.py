@@ -57,14 +57,15 @@ KD_TEACHERS = ("zero_shot", "fine_tuned")  # `compare`: students without and/or 
 # Settings of experiments that were removed (docs/experiments.md): checkpoints written before hold them.
 RETIRED_FIELDS = ("kd_teacher_views", "soup", "drop_audited", "fresh_views")
 
-# Distillation as chosen on validation (docs/experiments.md): the default profile distils; the quick profile is a
-# smoke run that needs no teacher file.
+# Distillation as chosen on validation (docs/experiments.md): the default profile distils from the fine-tuned
+# teacher; the quick profile is a smoke run that needs no teacher file.
 KD_ALPHA = 0.5
 KD_TEMPERATURE = 4.0
 KD_SCENE_WEIGHT = 0.3  # the all-365-scenes term
 
 PROFILES: dict[str, Recipe] = {
-    "default": Recipe(kd_alpha=KD_ALPHA, kd_temperature=KD_TEMPERATURE, kd_scene_weight=KD_SCENE_WEIGHT),
+    "default": Recipe(kd_alpha=KD_ALPHA, kd_temperature=KD_TEMPERATURE, kd_scene_weight=KD_SCENE_WEIGHT,
+                      kd_teacher="fine_tuned"),
     "quick": Recipe(arch="mobilenet_v3_small", views=2, warmup_epochs=3, epochs=8, max_per_class=60, patience=4),
     # CSAIL's Places365 network fine-tuned (issue 21). Its stem is ~10x MobileNetV2's cost on 2 cores, so fewer
     # cached views and epochs; the pretrained layers get a gentler learning rate than the MobileNets' ImageNet ones.
