@@ -48,11 +48,11 @@ class Recipe:
             raise ValueError(f"kd_teacher must be one of {KD_TEACHERS}, got {self.kd_teacher!r}")
 
 
-DISTILL_CHOICES = ("off", "on", "both")
+DISTILL_CHOICES = ("off", "on", "both")  # `compare`: students without and/or with the teacher
 # What the student learns from the teacher on our labels (training/soft_targets.py `distillation_targets`):
 # "zero_shot": its grouped scenes, on the label's side of room-or-other; "fine_tuned": the five-way belief of a
 # linear head fitted on its scene outputs (training/teacher_head.py), cross-fitted on the training photos.
-KD_TEACHERS = ("zero_shot", "fine_tuned")  # `compare`: students without and/or with the teacher
+KD_TEACHERS = ("zero_shot", "fine_tuned")
 
 # Settings of experiments that were removed (docs/experiments.md): checkpoints written before hold them.
 RETIRED_FIELDS = ("kd_teacher_views", "soup", "drop_audited", "fresh_views")

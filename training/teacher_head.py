@@ -30,23 +30,27 @@ class TeacherHead(nn.Module):
         self.register_buffer("std", std)
         self.linear = nn.Linear(mean.numel(), num_classes)
 
+    def standardise(self, scene_logits: torch.Tensor) -> torch.Tensor:
+        return (torch.log_softmax(scene_logits.float(), dim=1) - self.mean) / self.std
+
     def forward(self, scene_logits: torch.Tensor) -> torch.Tensor:
-        inputs = torch.log_softmax(scene_logits.float(), dim=1)
-        return self.linear((inputs - self.mean) / self.std)
+        return self.linear(self.standardise(scene_logits))
 
 
 def fit_teacher_head(scene_logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
                      weight_decay: float = WEIGHT_DECAY) -> TeacherHead:
-    """Multinomial logistic regression by L-BFGS (deterministic: no batches, no random start)."""
-    inputs = torch.log_softmax(scene_logits.float(), dim=1)
-    head = TeacherHead(inputs.mean(0), inputs.std(0) + 1e-6, num_classes)
+    """Multinomial logistic regression by L-BFGS (deterministic: no batches, no random start). The inputs are
+    standardised once; L-BFGS evaluates the loss hundreds of times on them."""
+    log_probabilities = torch.log_softmax(scene_logits.float(), dim=1)
+    head = TeacherHead(log_probabilities.mean(0), log_probabilities.std(0) + 1e-6, num_classes)
+    inputs = head.standardise(scene_logits)
     nn.init.zeros_(head.linear.weight)
     nn.init.zeros_(head.linear.bias)
     optimizer = torch.optim.LBFGS(head.linear.parameters(), max_iter=MAX_ITERATIONS, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(head(scene_logits), targets) + weight_decay * head.linear.weight.pow(2).sum()
+        loss = F.cross_entropy(head.linear(inputs), targets) + weight_decay * head.linear.weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -62,11 +66,6 @@ def fold_of_each(count: int, folds: int, seed: int) -> torch.Tensor:
     return fold
 
 
-@torch.no_grad()
-def _predict(head: TeacherHead, scene_logits: torch.Tensor) -> torch.Tensor:
-    return head(scene_logits)
-
-
 def cross_fitted_logits(scene_logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
                         folds: int = FOLDS, seed: int = 0) -> torch.Tensor:
     """[N, num_classes] logits of the fine-tuned teacher for each training photo, each from a head fitted on the
@@ -76,5 +75,6 @@ def cross_fitted_logits(scene_logits: torch.Tensor, targets: torch.Tensor, num_c
     for k in range(folds):
         held_out = fold == k
         head = fit_teacher_head(scene_logits[~held_out], targets[~held_out], num_classes)
-        logits[held_out] = _predict(head, scene_logits[held_out])
+        with torch.no_grad():
+            logits[held_out] = head(scene_logits[held_out])
     return logits
