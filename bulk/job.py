@@ -199,9 +199,53 @@ def classified_batches(blocks: list, bundle_ref: Any, settings: LoadSettings, th
     dataset = dataset.map_batches(
         Classify, fn_constructor_args=(bundle_ref, options.ort_threads, threshold, options.explain),
         compute=ray.data.ActorPoolStrategy(size=resources.actors), batch_size=options.batch_size,
-        batch_format="numpy", num_cpus=options.actor_cpus,
-        scheduling_strategy="SPREAD")  # one model per node before two on one: every node's cores get used
+        batch_format="numpy", num_cpus=options.actor_cpus, scheduling_strategy="SPREAD",
+        ray_remote_args_fn=ActorPlacement(cpus_per_node()))
     return dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def cpus_per_node() -> dict[str, float]:
+    """The live nodes' CPUs, by node id (nodes without CPUs, such as a head kept for the driver, left out)."""
+    import ray
+
+    return {node["NodeID"]: node["Resources"].get("CPU", 0.0) for node in ray.nodes()
+            if node["Alive"] and node["Resources"].get("CPU", 0.0) > 0}
+
+
+def dealt_slots(cpus: dict[str, float]) -> list[str]:
+    """Each node once per whole core, dealt in turn (A, B, A, B, A): the n-th model actor goes to slot n."""
+    left = {node: max(1, int(count)) for node, count in cpus.items()}
+    slots: list[str] = []
+    while left:
+        for node in list(left):
+            slots.append(node)
+            left[node] -= 1
+            if not left[node]:
+                del left[node]
+    return slots
+
+
+class ActorPlacement:
+    """Ray Data asks this for each new model actor's remote args: the actors follow `dealt_slots`.
+
+    One model per node comes before two on one, and each node gets actors in proportion to its cores.
+    Ray's SPREAD alone does not promise that: its round-robin also counts the decode tasks, so two actors
+    could share one node while another node's cores had no model. The node affinity is soft: an actor whose
+    node is gone or full starts wherever Ray finds room; with no node known yet, SPREAD applies.
+    """
+
+    def __init__(self, cpus: dict[str, float]) -> None:
+        self.slots = dealt_slots(cpus)
+        self.started = 0
+
+    def __call__(self) -> dict[str, Any]:
+        if not self.slots:
+            return {}
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = self.slots[self.started % len(self.slots)]
+        self.started += 1
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
 
 
 def block_rows(pending: int, cpus: float, batch_size: int) -> int:

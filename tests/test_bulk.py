@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from bulk.job import ActorPlacement, dealt_slots
 from bulk.results import JobMismatch, JobSpec, PartWriter, WorkDir, consolidate
 from bulk.sources import SourceError, write_input_list
 from bulk.stages import result_schema
@@ -95,7 +96,7 @@ class ProcessWatch:
         self.roots, self.raylets = roots, raylets or {}
         self.pids: set[int] = set()
         self.listeners: set[str] = set()
-        self.nodes_with_map_workers: set[str] = set()
+        self.nodes_with_model_actors: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -119,8 +120,8 @@ class ProcessWatch:
         for raylet, node in self.raylets.items():
             for child in descendants({raylet}) - {raylet}:
                 try:
-                    if psutil.Process(child).name().startswith("ray::Map"):
-                        self.nodes_with_map_workers.add(node)
+                    if psutil.Process(child).name().startswith("ray::MapWorker"):  # a model actor, not a decode task
+                        self.nodes_with_model_actors.add(node)
                 except psutil.NoSuchProcess:
                     pass
 
@@ -263,7 +264,7 @@ def test_folder_job_gives_one_row_per_file(folder_job: dict[str, Any], photo_fol
 
 def test_folder_job_ran_on_both_nodes_on_loopback(folder_job: dict[str, Any], ray_cluster: Any) -> None:
     watch = folder_job["watch"]
-    assert watch.nodes_with_map_workers == set(ray_cluster.raylets.values())
+    assert watch.nodes_with_model_actors == set(ray_cluster.raylets.values())
     assert not watch.listeners
 
 
@@ -485,6 +486,16 @@ def test_pending_inputs_skip_done_rows(tmp_path: Path) -> None:
     done[[0, 3, 4, 9]] = True
     blocks = list(work.pending_inputs(done, rows_per_block=4))
     assert [block.column("row").to_pylist() for block in blocks] == [[1, 2], [5, 6, 7], [8]]
+
+
+def test_model_actors_go_one_per_node_first_then_by_cores() -> None:
+    assert dealt_slots({"a": 4.0, "b": 2.0, "c": 0.5}) == ["a", "b", "c", "a", "b", "a", "a"]
+    node_a, node_b = "a" * 56, "b" * 56  # Ray's node ids are 28 bytes in hex
+    placement = ActorPlacement({node_a: 1.0, node_b: 1.0})
+    nodes = [placement()["scheduling_strategy"].node_id for _ in range(3)]
+    assert nodes == [node_a, node_b, node_a]
+    assert all(placement()["scheduling_strategy"].soft for _ in range(2))  # a lost node does not stall the job
+    assert ActorPlacement({})() == {}  # no node known yet: Ray's SPREAD decides
 
 
 # ----------------------------------------------------------------------------------------------------
