@@ -75,11 +75,7 @@ def evaluated_since_training(run_dir: Path) -> bool:
 
 def compare_one(data: Path, run_dir: Path, recipe: Recipe, weights_dir: Path | None = None,
                 soft_target_dir: Path | None = None) -> dict[str, Any]:
-    kd = f"alpha {recipe.kd_alpha}, T {recipe.kd_temperature}" if recipe.kd_alpha > 0 else "no"
-    if recipe.kd_scene_weight > 0:
-        kd += f", scenes {recipe.kd_scene_weight}"
-    if recipe.kd_alpha > 0 and recipe.kd_teacher != "zero_shot":
-        kd += f", {recipe.kd_teacher.replace('_', '-')} teacher"
+    kd = recipe.distillation()
     saved = run_dir / "compare_row.json"
     fingerprint = dataset_fingerprint(data)
     if saved.is_file():

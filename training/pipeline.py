@@ -105,12 +105,9 @@ def evaluate_step(data: Path, run_dir: Path, int8: bool = False) -> dict[str, An
     _, checkpoint = load_trained(run_dir)
     export = json.loads((run_dir / "export.json").read_text())
     extra = {"architecture": checkpoint["recipe"]["arch"], "dataset_fingerprint": checkpoint["dataset_fingerprint"]}
-    if checkpoint["recipe"].get("kd_alpha", 0) > 0:
-        kd = checkpoint["recipe"]
-        kind = kd.get("kd_teacher", "zero_shot").replace("_", "-")
-        extra["distillation"] = (f"Places365 teacher ({kind}), alpha {kd['kd_alpha']}, T {kd['kd_temperature']}"
-                                 + (f", all-scenes weight {kd['kd_scene_weight']}"
-                                    if kd.get("kd_scene_weight") else ""))
+    recipe = recipe_from_checkpoint(checkpoint["recipe"])
+    if recipe.uses_teacher():
+        extra["distillation"] = f"Places365 teacher: {recipe.distillation()}"
     audit = checkpoint["history"].get("label_audit")
     if audit:
         extra["label_audit"] = f"{audit['flagged']} photos flagged, see ../report/label_audit.md"

@@ -43,6 +43,17 @@ class Recipe:
     def uses_teacher(self) -> bool:
         return self.kd_alpha > 0 or self.kd_scene_weight > 0
 
+    def distillation(self) -> str:
+        """The teacher settings in words, one wording for the compare table, the training log and the model's
+        metadata; "no" without a teacher."""
+        if not self.uses_teacher():
+            return "no"
+        parts = [f"alpha {self.kd_alpha}, T {self.kd_temperature}, {self.kd_teacher.replace('_', '-')} teacher"
+                 ] if self.kd_alpha > 0 else []
+        if self.kd_scene_weight > 0:
+            parts.append(f"all-scenes weight {self.kd_scene_weight}")
+        return ", ".join(parts)
+
     def __post_init__(self) -> None:
         if self.kd_teacher not in KD_TEACHERS:
             raise ValueError(f"kd_teacher must be one of {KD_TEACHERS}, got {self.kd_teacher!r}")

@@ -102,9 +102,7 @@ def prepare(model: StemTail, data_root: Path, labels: list[str], recipe: Recipe,
                                                   labels, recipe.kd_teacher)
     print(f"{recipe.arch}: {len(train_samples)} train / {len(val_samples)} val images, "
           f"stem = first {recipe.stem_cut()} blocks, {recipe.views} cached views, device {device}"
-          + (f", distillation ({recipe.kd_teacher} teacher) alpha {recipe.kd_alpha} T {recipe.kd_temperature}"
-             if recipe.kd_alpha > 0 else "")
-          + (f", scene distillation weight {recipe.kd_scene_weight}" if recipe.kd_scene_weight > 0 else ""))
+          + (f", distillation: {recipe.distillation()}" if recipe.uses_teacher() else ""))
     train_cache = cache_views(model.stem, train_samples, recipe, config, device, recipe.views, "train")
     val_cache = cache_views(model.stem, val_samples, recipe, config, device, 1, "val")[0]
     return Prepared(labels, train_samples, val_samples, train_cache, val_cache, teacher_logits, scenes, cost)
