@@ -77,3 +77,8 @@ def test_the_recipe_names_its_teacher_and_old_checkpoints_read_as_zero_shot() ->
     assert recipe_from_checkpoint(saved).kd_teacher == "zero_shot"
     with pytest.raises(ValueError, match="kd_teacher"):
         Recipe(kd_teacher="oracle")
+    # one wording wherever the settings are shown (compare table, training log, model metadata)
+    assert PROFILES["default"].distillation() == "alpha 0.5, T 4.0, fine-tuned teacher, all-scenes weight 0.3"
+    assert Recipe(kd_alpha=0.3, kd_scene_weight=0.1).distillation() == "alpha 0.3, T 2.0, zero-shot teacher, " \
+                                                                      "all-scenes weight 0.1"
+    assert Recipe().distillation() == "no"
