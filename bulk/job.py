@@ -15,6 +15,7 @@ the one writer: RESULTS needs no storage shared by the workers, and parts are wh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -39,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PACKAGES = ("bulk", "inference")  # what remote workers import, sent along by Ray (py_modules)
 FORMATS = ("parquet", "csv")
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": every Ray address is 127.0.0.1
+LEFTOVER_GRACE_S = 10.0  # after Ray's shutdown returns, before a local Ray process still running is killed
 ACTOR_START_TIMEOUT_S = 600  # model actors waiting for a node (autoscaling clusters add one within minutes)
 logger = logging.getLogger("bulk")
 
@@ -158,7 +161,7 @@ class StreamStats:
 def classify_pending(work: WorkDir, done, pending: int, bundle: ModelBundle, settings: LoadSettings,
                      threshold: float, schema: pa.Schema, options: JobOptions) -> StreamStats:
     """Run the Ray pipeline over the inputs without a result; return how many rows arrived, and when."""
-    start_ray(options.address)
+    local = start_ray(options.address)
     import ray  # after start_ray, which sets what Ray reads at import
     writer = PartWriter(work.path, schema, options.part_rows)
     stream = StreamStats(ray_ready_at=time.monotonic())
@@ -178,7 +181,7 @@ def classify_pending(work: WorkDir, done, pending: int, bundle: ModelBundle, set
     finally:
         writer.flush()  # rows already received are kept, even on Ctrl-C
         progress.close()
-        ray.shutdown()
+        stop_ray(local)
     return stream
 
 
@@ -196,11 +199,13 @@ def classified_batches(blocks: list, bundle_ref: Any, settings: LoadSettings, th
         load_batch, fn_kwargs={"settings": settings, "fetch_threads": options.fetch_threads},
         batch_size=options.batch_size, batch_format="numpy", num_cpus=options.load_cpus,
         compute=ray.data.TaskPoolStrategy(size=resources.load_tasks))
-    dataset = dataset.map_batches(
-        Classify, fn_constructor_args=(bundle_ref, options.ort_threads, threshold, options.explain),
-        compute=ray.data.ActorPoolStrategy(size=resources.actors), batch_size=options.batch_size,
-        batch_format="numpy", num_cpus=options.actor_cpus, scheduling_strategy="SPREAD",
-        ray_remote_args_fn=ActorPlacement(cpus_per_node()))
+    with warnings.catch_warnings():  # deprecated in Ray 2.60 with no replacement yet; pyproject pins Ray < 2.64
+        warnings.filterwarnings("ignore", message="`ray_remote_args(_fn)?` is deprecated", category=DeprecationWarning)
+        dataset = dataset.map_batches(
+            Classify, fn_constructor_args=(bundle_ref, options.ort_threads, threshold, options.explain),
+            compute=ray.data.ActorPoolStrategy(size=resources.actors), batch_size=options.batch_size,
+            batch_format="numpy", num_cpus=options.actor_cpus, scheduling_strategy="SPREAD",
+            ray_remote_args_fn=ActorPlacement(cpus_per_node()))
     return dataset.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
@@ -260,8 +265,9 @@ def decoded_block_bytes(settings: LoadSettings, batch_size: int) -> int:
     return int(0.8 * batch_size * blank_model_input(settings).nbytes)
 
 
-def start_ray(address: str | None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start Ray on this machine, on 127.0.0.1 only.
+def start_ray(address: str | None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start Ray on this machine, on 127.0.0.1 only;
+    return whether Ray was started here.
 
     On a cluster, the `bulk` and `inference` packages travel with the job (Ray's py_modules): the workers'
     image needs only the Python dependencies (the bento's image plus Ray). Locally, RAY_ENABLE_WINDOWS_OR_OSX_
@@ -284,6 +290,58 @@ def start_ray(address: str | None) -> None:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING,
                  object_store_memory=local_object_store_bytes(os.cpu_count() or 1))
     quiet_ray_data()
+    return not address
+
+
+def stop_ray(local: bool) -> None:
+    """Disconnect from Ray; a Ray started by this job stops with every process of it.
+
+    Ray's shutdown kills the raylet and the GCS; the workers are the raylet's children and exit when they
+    notice it is gone. Once, on a loaded CI machine, a model actor was still running 30 s after the job had
+    ended. So the local processes are listed before the shutdown, and any of them still running after a grace
+    period is killed: a local job leaves nothing behind.
+    """
+    import ray
+
+    ours = local_ray_processes() if local else []
+    ray.shutdown()
+    kill_leftovers(ours, LEFTOVER_GRACE_S)
+
+
+def local_ray_processes() -> list[psutil.Process]:
+    """The Ray this process started: its raylet, GCS and agents (children of this process), and every worker
+    under them."""
+    found = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.name() in ("raylet", "gcs_server") or child.name().startswith("ray::"):
+                found += [child, *child.children(recursive=True)]
+    return found
+
+
+def kill_leftovers(processes: list[psutil.Process], grace_s: float) -> None:
+    """Kill those of `processes` that have not exited within `grace_s`."""
+    for process in still_running(processes, grace_s):
+        logger.warning("Ray process %d outlived Ray's shutdown by %.0f s: killing it", process.pid, grace_s)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def still_running(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Those of `processes` still running (a zombie has exited) after waiting up to `timeout_s` for them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [process for process in processes if is_running(process)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def is_running(process: psutil.Process) -> bool:
+    try:  # is_running() also tells a reused pid from the process seen before
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def local_object_store_bytes(cpus: int) -> int:

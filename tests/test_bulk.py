@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from bulk.job import ActorPlacement, dealt_slots
+from bulk.job import ActorPlacement, dealt_slots, kill_leftovers, local_ray_processes
 from bulk.results import JobMismatch, JobSpec, PartWriter, WorkDir, consolidate
 from bulk.sources import SourceError, write_input_list
 from bulk.stages import result_schema
@@ -151,14 +151,29 @@ def ray_cluster() -> Iterator[Any]:
         yield cluster
     finally:
         started |= descendants(started)  # the workers the raylets started
+        processes = existing_processes(started)
         cluster.shutdown()
         if saved is None:
             os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
         else:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved
-        left = wait_gone(started)
+        if wait_gone(started):  # Ray 2.60's exit can deadlock a worker (bulk/job.py stop_ray): stop it as a job does
+            print(f"\nRay processes still running 30 s after the cluster's shutdown, killed: {wait_gone(started, 0)}")
+            kill_leftovers(processes, grace_s=0)
+        left = wait_gone(started, 5)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"Ray processes left running after the cluster's shutdown: {left}"
+
+
+def existing_processes(pids: set[int]) -> list[psutil.Process]:
+    """Handles that tell these processes from later ones that reuse their pids."""
+    processes = []
+    for pid in pids:
+        try:
+            processes.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    return processes
 
 
 def test_cluster_has_two_nodes_on_loopback_only(ray_cluster: Any) -> None:
@@ -266,6 +281,25 @@ def test_folder_job_ran_on_both_nodes_on_loopback(folder_job: dict[str, Any], ra
     watch = folder_job["watch"]
     assert watch.nodes_with_model_actors == set(ray_cluster.raylets.values())
     assert not watch.listeners
+
+
+def test_a_job_knows_every_process_of_the_ray_it_started(folder_job: dict[str, Any], ray_cluster: Any) -> None:
+    """`local_ray_processes` from the process that started Ray (here pytest, the cluster's parent): the raylets,
+    the GCS, and nothing that is not Ray's."""
+    found = {process.pid: process.name() for process in local_ray_processes()}
+    assert set(ray_cluster.raylets) <= set(found) and "gcs_server" in found.values()
+    ray_tree = descendants(set(ray_cluster.raylets) | {pid for pid, name in found.items() if name == "gcs_server"})
+    outside = {pid: name for pid, name in found.items() if pid not in ray_tree}
+    assert not outside, outside
+
+
+def test_leftover_processes_are_killed_after_the_grace_period() -> None:
+    lingering = subprocess.Popen(["sleep", "60"])
+    quick = subprocess.Popen(["sleep", "0.2"])
+    started = time.monotonic()
+    kill_leftovers([psutil.Process(lingering.pid), psutil.Process(quick.pid)], grace_s=1.0)
+    assert lingering.wait(timeout=5) == -signal.SIGKILL and quick.wait(timeout=5) == 0
+    assert 1.0 <= time.monotonic() - started < 5.0
 
 
 def test_bulk_answers_equal_the_service(folder_job: dict[str, Any], server: BentoServer, photo_folder: Path) -> None:
