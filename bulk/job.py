@@ -74,17 +74,21 @@ class Resources:
 
     Each is a worker process (a few hundred MB); capping the decode tasks keeps memory per core fixed, and
     Ray's backpressure keeps the decode from running far ahead of the model. Their fractional `num_cpus`
-    (0.5 + 0.25 per core) lets both run on every core: the OS shares the core between them.
+    (0.5 + 0.25 per core) lets both run on every core: the OS shares the core between them. `node_cpus` is
+    where the actors go (`ActorPlacement`).
     """
 
+    node_cpus: dict[str, float]
     cpus: float
     actors: int
     load_tasks: int
 
     @classmethod
-    def plan(cls, cpus: float, options: JobOptions) -> "Resources":
+    def plan(cls, node_cpus: dict[str, float], options: JobOptions) -> "Resources":
+        cpus = sum(node_cpus.values()) or 1.0
         per_core = max(1, int(cpus))
-        return cls(cpus=cpus, actors=options.actors or per_core, load_tasks=options.load_tasks or per_core)
+        return cls(node_cpus=node_cpus, cpus=cpus, actors=options.actors or per_core,
+                   load_tasks=options.load_tasks or per_core)
 
 
 def output_format(options: JobOptions) -> str:
@@ -169,7 +173,7 @@ def classify_pending(work: WorkDir, done, pending: int, bundle: ModelBundle, set
                     smoothing=0.05)
     errors = 0
     try:
-        resources = Resources.plan(ray.cluster_resources().get("CPU", 1.0), options)
+        resources = Resources.plan(cpus_per_node(), options)
         rows_per_block = block_rows(pending, resources.cpus, options.batch_size)
         blocks = [ray.put(table) for table in work.pending_inputs(done, rows_per_block)]
         for table in classified_batches(blocks, ray.put(bundle), settings, threshold, resources, options):
@@ -205,7 +209,7 @@ def classified_batches(blocks: list, bundle_ref: Any, settings: LoadSettings, th
             Classify, fn_constructor_args=(bundle_ref, options.ort_threads, threshold, options.explain),
             compute=ray.data.ActorPoolStrategy(size=resources.actors), batch_size=options.batch_size,
             batch_format="numpy", num_cpus=options.actor_cpus, scheduling_strategy="SPREAD",
-            ray_remote_args_fn=ActorPlacement(cpus_per_node()))
+            ray_remote_args_fn=ActorPlacement(resources.node_cpus))
     return dataset.iter_batches(batch_size=None, batch_format="pyarrow")
 
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from bulk.job import ActorPlacement, dealt_slots, kill_leftovers, local_ray_processes
+from bulk.job import ActorPlacement, dealt_slots, kill_leftovers, local_ray_processes, still_running
 from bulk.results import JobMismatch, JobSpec, PartWriter, WorkDir, consolidate
 from bulk.sources import SourceError, write_input_list
 from bulk.stages import result_schema
@@ -74,19 +74,26 @@ def non_loopback_listeners(pids: set[int]) -> list[str]:
 
 def wait_gone(pids: set[int], timeout_s: float = 30.0) -> list[str]:
     """The processes of `pids` still running (zombies do not count) after up to `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                process = psutil.Process(pid)
-                if process.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(f"{pid} {process.name()}")
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.5)
+    return [f"{process.pid} {process_name(process)}"
+            for process in still_running(existing_processes(pids), timeout_s)]
+
+
+def existing_processes(pids: set[int]) -> list[psutil.Process]:
+    """Handles that tell these processes from later ones that reuse their pids."""
+    processes = []
+    for pid in pids:
+        try:
+            processes.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    return processes
+
+
+def process_name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return "(gone)"
 
 
 class ProcessWatch:
@@ -157,23 +164,13 @@ def ray_cluster() -> Iterator[Any]:
             os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
         else:
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved
-        if wait_gone(started):  # Ray 2.60's exit can deadlock a worker (bulk/job.py stop_ray): stop it as a job does
-            print(f"\nRay processes still running 30 s after the cluster's shutdown, killed: {wait_gone(started, 0)}")
+        left = wait_gone(started)
+        if left:  # Ray 2.60's exit can deadlock a worker (bulk/job.py stop_ray): stop it as a job does
+            print(f"\nRay processes still running 30 s after the cluster's shutdown, killed: {left}")
             kill_leftovers(processes, grace_s=0)
-        left = wait_gone(started, 5)
+            left = wait_gone(started, 5)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"Ray processes left running after the cluster's shutdown: {left}"
-
-
-def existing_processes(pids: set[int]) -> list[psutil.Process]:
-    """Handles that tell these processes from later ones that reuse their pids."""
-    processes = []
-    for pid in pids:
-        try:
-            processes.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    return processes
 
 
 def test_cluster_has_two_nodes_on_loopback_only(ray_cluster: Any) -> None:
